@@ -1,0 +1,188 @@
+"""Gateway configuration: one pydantic-settings class, from a TOML file and the environment.
+
+Precedence, highest first: keyword arguments, ``DIMSE_GATEWAY_*`` environment
+variables, the TOML file named by ``config_file`` or ``DIMSE_GATEWAY_CONFIG``,
+then the defaults below.  The file's ``[gateway]`` table holds the top-level
+fields and each ``[[nodes]]`` entry one PACS; in the environment the top-level
+fields are flat (``DIMSE_GATEWAY_HTTP_PORT=8001``) and ``DIMSE_GATEWAY_NODES``
+takes a JSON list.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, Field, field_validator, model_validator
+from pydantic.fields import FieldInfo
+from pydantic_settings import (
+    BaseSettings,
+    InitSettingsSource,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+)
+
+ENV_PREFIX = "DIMSE_GATEWAY_"
+CONFIG_ENV = ENV_PREFIX + "CONFIG"
+
+_NODE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+
+
+def _check_ae_title(value: str) -> str:
+    """AE titles are 1-16 characters of the default repertoire, no backslash (PS3.5 6.2)."""
+    stripped = value.strip()
+    if not 1 <= len(stripped) <= 16:
+        raise ValueError("an AE title has 1 to 16 characters")
+    if any(ord(c) < 0x20 or ord(c) > 0x7E or c == "\\" for c in stripped):
+        raise ValueError("an AE title holds printable ASCII without backslash")
+    return stripped
+
+
+class PacsNode(BaseModel):
+    """One PACS the gateway talks to."""
+
+    model_config = {"extra": "forbid"}
+
+    name: str = Field(description="Name used in URLs: /pacs/{name}/dicomweb")
+    ae_title: str
+    host: str
+    port: int = Field(ge=1, le=65535)
+    default: bool = False
+    query_model: Literal["study", "patient"] = Field(
+        default="study",
+        description="Information model for STUDY/SERIES/IMAGE searches; PATIENT level "
+        "always uses Patient Root",
+    )
+    retrieve: Literal["move", "get", "auto"] = "move"
+    max_associations: int = Field(default=4, ge=1, le=64)
+    # How long a request waits for a free association before it gets 503.
+    acquire_timeout: float = Field(default=10.0, gt=0)
+    # An idle association older than this is released rather than reused: many PACS
+    # drop idle peers silently, and a dead socket would cost the next request a retry.
+    idle_timeout: float = Field(default=30.0, gt=0)
+    connect_timeout: float = Field(default=3.0, gt=0)
+    acse_timeout: float = Field(default=10.0, gt=0)
+    dimse_timeout: float = Field(default=30.0, gt=0)
+    network_timeout: float = Field(default=60.0, gt=0)
+    max_pdu: int = Field(default=0, ge=0, description="0 means unlimited")
+    # PS3.18 (2024c) answers an empty search with 204; some clients want 200 and [].
+    no_match_status: Literal[200, 204] = 204
+    max_results: int = Field(
+        default=10000, ge=1, description="C-FIND matches collected per search at most"
+    )
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        if not _NODE_NAME.match(v):
+            raise ValueError("a node name has letters, digits, '.', '_' or '-' (max 64)")
+        return v
+
+    @field_validator("ae_title")
+    @classmethod
+    def _ae(cls, v: str) -> str:
+        return _check_ae_title(v)
+
+
+class Settings(BaseSettings):
+    """Everything the gateway needs to run."""
+
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="forbid")
+
+    config_file: Path | None = None
+    ae_title: str = "DIMSEGW"
+    storage_port: int = Field(default=11112, ge=0, le=65535)
+    storage_host: str = "0.0.0.0"
+    http_host: str = "127.0.0.1"
+    http_port: int = Field(default=8000, ge=0, le=65535)
+    work_dir: Path = Path("/var/lib/dimse-gateway")
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    nodes: list[PacsNode] = Field(default_factory=list)
+
+    @field_validator("ae_title")
+    @classmethod
+    def _ae(cls, v: str) -> str:
+        return _check_ae_title(v)
+
+    @model_validator(mode="after")
+    def _nodes_consistent(self) -> Settings:
+        names = [n.name for n in self.nodes]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"node names must be unique: {', '.join(dupes)}")
+        defaults = [n.name for n in self.nodes if n.default]
+        if len(defaults) > 1:
+            raise ValueError(f"only one node may be the default: {', '.join(defaults)}")
+        return self
+
+    @property
+    def default_node(self) -> PacsNode | None:
+        for node in self.nodes:
+            if node.default:
+                return node
+        return self.nodes[0] if len(self.nodes) == 1 else None
+
+    def node(self, name: str) -> PacsNode | None:
+        for node in self.nodes:
+            if node.name == name:
+                return node
+        return None
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return (init_settings, env_settings, _TomlSource(settings_cls, init_settings))
+
+
+class _TomlSource(PydanticBaseSettingsSource):
+    """Reads the TOML file; ``[gateway]`` keys become top-level fields."""
+
+    def __init__(self, settings_cls: type[BaseSettings], init: PydanticBaseSettingsSource) -> None:
+        super().__init__(settings_cls)
+        path: Any = None
+        if isinstance(init, InitSettingsSource):
+            path = init.init_kwargs.get("config_file")
+        path = path or os.environ.get(CONFIG_ENV)
+        self._data: dict[str, Any] = _read_toml(Path(path)) if path else {}
+
+    def get_field_value(self, field: FieldInfo, field_name: str) -> tuple[Any, str, bool]:
+        return self._data.get(field_name), field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        return dict(self._data)
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
+    try:
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ValueError(f"configuration file {path} does not exist") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ValueError(f"configuration file {path} is not valid TOML: {exc}") from None
+    unknown = set(raw) - {"gateway", "nodes"}
+    if unknown:
+        raise ValueError(
+            f"configuration file {path}: unknown table(s) {', '.join(sorted(unknown))}; "
+            "expected [gateway] and [[nodes]]"
+        )
+    data: dict[str, Any] = dict(raw.get("gateway", {}))
+    if "nodes" in raw:
+        data["nodes"] = raw["nodes"]
+    data["config_file"] = path
+    return data
+
+
+def load_settings(config_file: Path | str | None = None, **overrides: Any) -> Settings:
+    """Build settings from a file (or ``DIMSE_GATEWAY_CONFIG``), the environment and overrides."""
+    if config_file is not None:
+        overrides["config_file"] = Path(config_file)
+    return Settings(**overrides)

@@ -1,0 +1,318 @@
+"""QIDO-RS query parameters parsed into a query model (PS3.18 §8.3.4, Table 8.3.4-1).
+
+The model is framework-free: routers hand over the resource level, the UIDs from
+the path and the raw ``(name, value)`` pairs; everything else is decided here,
+and every refusal names the parameter at fault.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+from pydicom.datadict import dictionary_has_tag, tag_for_keyword
+
+from app.dicomweb.attributes import (
+    ALL_RETURN,
+    DEFAULT_RETURN,
+    QUERY_CONTROL,
+    UNIQUE_KEY,
+    Level,
+    keyword,
+    level_of,
+    vr_of,
+)
+from app.errors import InvalidQuery
+
+UID_RE = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$")
+_HEX_TAG = re.compile(r"^[0-9A-Fa-f]{8}$")
+_DATE = re.compile(r"^\d{8}$")
+_TIME = re.compile(r"^\d{2}(\d{2}(\d{2}(\.\d{1,6})?)?)?$")
+_DATETIME = re.compile(r"^\d{4}(\d{2}(\d{2}(\d{2}(\d{2}(\d{2}(\.\d{1,6})?)?)?)?)?)?([+-]\d{4})?$")
+
+# Parameters that are not attribute matches.  accept/charset steer the response
+# (PS3.18 §8.3.3); emptyvaluematching/multiplevaluematching are acknowledged with
+# a Warning when asked for, as §8.3.4.5-6 require of a server without them.
+_CONTROL_PARAMS = {
+    "includefield",
+    "fuzzymatching",
+    "limit",
+    "offset",
+    "accept",
+    "charset",
+    "emptyvaluematching",
+    "multiplevaluematching",
+}
+
+# VRs for which "*" and "?" are wild cards (PS3.4 C.2.2.2.4).
+WILDCARD_VRS = frozenset({"AE", "CS", "LO", "LT", "PN", "SH", "ST", "UC", "UR", "UT"})
+RANGE_VRS = frozenset({"DA", "TM", "DT"})
+_NOT_MATCHABLE_VRS = frozenset(
+    {"OB", "OD", "OF", "OL", "OV", "OW", "UN", "FL", "FD", "SL", "SS", "UL", "US", "SV", "UV"}
+)
+
+
+def valid_uid(value: str) -> bool:
+    """A UID is dot-separated numbers without leading zeros, at most 64 chars (PS3.5 9.1)."""
+    return 0 < len(value) <= 64 and UID_RE.match(value) is not None
+
+
+def check_uid(parameter: str, value: str) -> str:
+    """Return *value* if it is a valid UID, else raise InvalidQuery naming *parameter*."""
+    if not valid_uid(value):
+        raise InvalidQuery(parameter, f"{value[:80]!r} is not a valid DICOM UID")
+    return value
+
+
+@dataclass(frozen=True)
+class MatchKey:
+    """One attribute match, with the value already in C-FIND syntax.
+
+    ``path`` is the tag path: one tag for a top-level attribute, two for a
+    sequence item attribute (``RequestAttributesSequence.ScheduledProcedureStepID``).
+    """
+
+    path: tuple[int, ...]
+    vr: str
+    value: str
+    level: Level
+    parameter: str
+
+    @property
+    def tag(self) -> int:
+        return self.path[0]
+
+    @property
+    def is_universal(self) -> bool:
+        return self.value == ""
+
+    @property
+    def has_wildcard(self) -> bool:
+        return self.vr in WILDCARD_VRS and ("*" in self.value or "?" in self.value)
+
+
+@dataclass
+class QidoQuery:
+    """A parsed QIDO-RS search."""
+
+    level: Level
+    matches: list[MatchKey] = field(default_factory=list)
+    includefields: set[int] = field(default_factory=set)
+    include_all: bool = False
+    fuzzymatching: bool = False
+    limit: int | None = None
+    offset: int = 0
+    warnings: list[str] = field(default_factory=list)
+
+    def match(self, tag: int) -> MatchKey | None:
+        for key in self.matches:
+            if key.path == (tag,):
+                return key
+        return None
+
+    def return_tags(self, level: Level) -> set[int]:
+        """Tags the answer at *level* carries: defaults, includefields and match keys."""
+        tags = set(DEFAULT_RETURN[level])
+        if self.include_all:
+            tags |= ALL_RETURN[level]
+        tags |= {t for t in self.includefields if level_of(t) is level}
+        tags |= {k.tag for k in self.matches if k.level is level}
+        tags.add(UNIQUE_KEY[level])
+        return tags
+
+    def result_tags(self) -> set[int]:
+        """Every tag a result object may hold: the query level and, for relational
+        resources, the levels above it that the resource adds (PS3.18 §10.6.3.3)."""
+        tags = self.return_tags(self.level)
+        for lvl in self.context_levels:
+            tags |= self.return_tags(lvl)
+        return tags
+
+    @property
+    def context_levels(self) -> list[Level]:
+        """Upper levels whose attributes a result object also carries."""
+        return list(self._context_levels)
+
+    _context_levels: tuple[Level, ...] = ()
+
+
+def _parse_attribute(name: str) -> tuple[int, ...]:
+    parts = name.split(".")
+    if len(parts) > 2 or not all(parts):
+        raise InvalidQuery(name, "only one sequence level is supported (Sequence.Attribute)")
+    path: list[int] = []
+    for part in parts:
+        if _HEX_TAG.match(part):
+            tag = int(part, 16)
+            if tag & 0x00010000:
+                raise InvalidQuery(name, "private attributes cannot be searched")
+            if not dictionary_has_tag(tag):
+                raise InvalidQuery(name, f"{part} is not a DICOM attribute this gateway knows")
+        else:
+            found = tag_for_keyword(part)
+            if found is None:
+                raise InvalidQuery(name, f"{part!r} is not a DICOM attribute keyword")
+            tag = int(found)
+        path.append(tag)
+    if len(path) == 2 and vr_of(path[0]) != "SQ":
+        raise InvalidQuery(name, f"{keyword(path[0])} is not a sequence")
+    return tuple(path)
+
+
+def _bool(name: str, value: str) -> bool:
+    low = value.strip().lower()
+    if low in ("true", "1", "yes"):
+        return True
+    if low in ("false", "0", "no", ""):
+        return False
+    raise InvalidQuery(name, f"expected true or false, got {value[:40]!r}")
+
+
+def _non_negative(name: str, value: str) -> int:
+    try:
+        number = int(value)
+    except ValueError:
+        raise InvalidQuery(name, f"expected a whole number, got {value[:40]!r}") from None
+    if number < 0:
+        raise InvalidQuery(name, "must not be negative")
+    return number
+
+
+def _check_range(name: str, vr: str, value: str) -> str:
+    """Validate a DA/TM/DT single value or range (PS3.4 C.2.2.2.5)."""
+    pattern = {"DA": _DATE, "TM": _TIME, "DT": _DATETIME}[vr]
+    if vr == "TM":
+        value = value.replace(":", "")
+    # A DT may carry a -HHMM offset, so only a value with exactly one '-' and no
+    # offset sign elsewhere is read as a range.
+    is_range = value.count("-") == 1 and (vr != "DT" or "+" not in value)
+    if is_range:
+        low, _, high = value.partition("-")
+        if not low and not high:
+            raise InvalidQuery(name, "a range needs at least one end")
+        for end in (low, high):
+            if end and not pattern.match(end):
+                raise InvalidQuery(name, f"{end!r} is not a valid {vr} value")
+            if end and vr == "DA":
+                _check_calendar(name, end)
+        if low and high and vr != "DT" and low > high:
+            raise InvalidQuery(name, "the range starts after it ends")
+        return f"{low}-{high}"
+    if not pattern.match(value):
+        raise InvalidQuery(name, f"{value[:40]!r} is not a valid {vr} value or range")
+    if vr == "DA":
+        _check_calendar(name, value)
+    return value
+
+
+def _check_calendar(name: str, value: str) -> None:
+    month, day = int(value[4:6]), int(value[6:8])
+    if not (1 <= month <= 12 and 1 <= day <= 31):
+        raise InvalidQuery(name, f"{value!r} is not a calendar date")
+
+
+def _match_value(name: str, path: tuple[int, ...], raw: str) -> tuple[str, str]:
+    tag = path[-1]
+    vr = vr_of(tag)
+    if vr in _NOT_MATCHABLE_VRS:
+        raise InvalidQuery(name, f"attributes of VR {vr} cannot be matched")
+    if vr == "SQ":
+        if raw:
+            raise InvalidQuery(name, "a sequence can only be asked for, not matched directly")
+        return vr, ""
+    value = raw
+    if vr == "UI" and value:
+        # PS3.18 separates UID lists with commas; OHIF sends backslashes.
+        uids = [u.strip() for u in re.split(r"[,\\]", value)]
+        for uid in uids:
+            check_uid(name, uid)
+        value = "\\".join(uids)
+    elif vr in RANGE_VRS and value:
+        value = _check_range(name, vr, value)
+    elif vr in ("IS", "DS") and value:
+        try:
+            float(value)
+        except ValueError:
+            raise InvalidQuery(name, f"{value[:40]!r} is not a number") from None
+    if "\\" in value and vr != "UI":
+        raise InvalidQuery(name, "lists of values are only supported for UIDs")
+    if len(value) > 1024:
+        raise InvalidQuery(name, "value is too long")
+    return vr, value
+
+
+def parse_qido(
+    level: Level,
+    params: Iterable[tuple[str, str]],
+    *,
+    path_uids: dict[int, str] | None = None,
+    context_levels: Iterable[Level] = (),
+    study_root: bool = True,
+) -> QidoQuery:
+    """Parse QIDO-RS query parameters for a search at *level*.
+
+    *path_uids* holds the UIDs given in the URL (``/studies/{study}/series``):
+    they become single-value matches that a query parameter may not contradict.
+    *context_levels* lists the upper levels whose default attributes the resource
+    also returns (``/series`` returns study attributes, PS3.18 §10.6.3.3.2).
+    """
+    query = QidoQuery(level=level)
+    query._context_levels = tuple(context_levels)
+    seen: set[tuple[int, ...]] = set()
+    for raw_name, raw_value in params:
+        name = raw_name.strip()
+        value = raw_value.strip()
+        low = name.lower()
+        if low in _CONTROL_PARAMS:
+            _apply_control(query, low, name, value)
+            continue
+        path = _parse_attribute(name)
+        if path[0] in QUERY_CONTROL:
+            raise InvalidQuery(name, "is set by the gateway and cannot be matched")
+        if path in seen:
+            raise InvalidQuery(name, "given more than once; use a comma-separated UID list")
+        seen.add(path)
+        if path[0] == 0x00081190:  # RetrieveURL is computed here, never matched
+            raise InvalidQuery(name, "RetrieveURL cannot be matched")
+        vr, cvalue = _match_value(name, path, value)
+        tag_level = level_of(path[0], study_root=study_root)
+        if tag_level.depth > level.depth and level is Level.PATIENT:
+            raise InvalidQuery(name, "patient searches match patient attributes only")
+        query.matches.append(MatchKey(path, vr, cvalue, tag_level, name))
+    for tag, uid in (path_uids or {}).items():
+        check_uid(keyword(tag), uid)
+        existing = query.match(tag)
+        if existing is not None:
+            if existing.value and uid not in existing.value.split("\\"):
+                # Contradicts the path: nothing can match, which is an honest answer.
+                query.warnings.append(f"{keyword(tag)} in the query contradicts the URL")
+            query.matches.remove(existing)
+        query.matches.append(
+            MatchKey((tag,), "UI", uid, level_of(tag, study_root=study_root), keyword(tag))
+        )
+    return query
+
+
+def _apply_control(query: QidoQuery, low: str, name: str, value: str) -> None:
+    if low == "includefield":
+        for item in value.split(","):
+            item = item.strip()
+            if not item:
+                continue
+            if item.lower() == "all":
+                query.include_all = True
+                continue
+            path = _parse_attribute(item)
+            # Sequence members are returned with their sequence.
+            query.includefields.add(path[0])
+    elif low == "fuzzymatching":
+        query.fuzzymatching = _bool(name, value)
+    elif low == "limit":
+        query.limit = _non_negative(name, value)
+    elif low == "offset":
+        query.offset = _non_negative(name, value)
+    elif low in ("emptyvaluematching", "multiplevaluematching") and _bool(name, value):
+        query.warnings.append(
+            f"The {low} parameter is not supported. Only literal matching has been performed."
+        )

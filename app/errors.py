@@ -1,0 +1,101 @@
+"""The gateway's exceptions: one tree, free of HTTP, mapped to responses once in ``app.api.errors``.
+
+::
+
+    GatewayError
+    ├── InvalidRequest            the client asked for something malformed (400)
+    │   └── InvalidQuery          a QIDO parameter is wrong; names the parameter
+    ├── NotFound                  nothing there (404)
+    │   └── UnknownNode           no PACS configured under that name
+    ├── PoolExhausted             no association free within the wait limit (503)
+    └── PacsError                 the PACS did not do what was asked
+        ├── PacsUnavailable       cannot connect (503)
+        ├── AssociationRejected   A-ASSOCIATE-RJ (502)
+        ├── AssociationAborted    A-ABORT or connection lost mid-operation (502)
+        ├── DimseTimeout          no answer within the configured time (504)
+        └── PacsFailureStatus     a DIMSE failure status; keeps code and comment (502)
+"""
+
+from __future__ import annotations
+
+
+class GatewayError(Exception):
+    """Base of every error the gateway reports to a client."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class InvalidRequest(GatewayError):
+    """The request itself is malformed."""
+
+
+class InvalidQuery(InvalidRequest):
+    """A query parameter is malformed or unsupported."""
+
+    def __init__(self, parameter: str, message: str) -> None:
+        super().__init__(f"query parameter {parameter!r}: {message}")
+        self.parameter = parameter
+
+
+class NotFound(GatewayError):
+    """The requested resource does not exist."""
+
+
+class UnknownNode(NotFound):
+    """No PACS node is configured under that name."""
+
+    def __init__(self, name: str, known: list[str]) -> None:
+        super().__init__(
+            f"no PACS node named {name!r} is configured; known nodes: {', '.join(known) or 'none'}"
+        )
+        self.name = name
+
+
+class PoolExhausted(GatewayError):
+    """Every association to the node stayed busy for longer than the wait limit."""
+
+    def __init__(self, node: str, waited: float, retry_after: int = 1) -> None:
+        super().__init__(
+            f"PACS node {node!r} is busy: no association became free within {waited:.1f} s"
+        )
+        self.node = node
+        self.retry_after = retry_after
+
+
+class PacsError(GatewayError):
+    """The PACS did not perform the operation."""
+
+    def __init__(self, node: str, message: str) -> None:
+        super().__init__(f"PACS node {node!r}: {message}")
+        self.node = node
+
+
+class PacsUnavailable(PacsError):
+    """The PACS cannot be reached (connection refused, unreachable, DNS)."""
+
+
+class AssociationRejected(PacsError):
+    """The PACS rejected the association (A-ASSOCIATE-RJ), e.g. unknown AE title."""
+
+
+class AssociationAborted(PacsError):
+    """The association was aborted or the connection dropped during an operation."""
+
+
+class DimseTimeout(PacsError):
+    """The PACS did not answer within the configured time."""
+
+
+class PacsFailureStatus(PacsError):
+    """The PACS answered with a DIMSE failure status (PS3.7 Annex C)."""
+
+    def __init__(self, node: str, operation: str, status: int, comment: str | None) -> None:
+        text = f"{operation} failed with status 0x{status:04X}"
+        if comment:
+            text += f" ({comment})"
+        super().__init__(node, text)
+        self.operation = operation
+        self.status = status
+        self.comment = comment
