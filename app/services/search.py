@@ -1,0 +1,318 @@
+"""QIDO-RS searches carried out as hierarchical C-FINDs (PS3.18 §10.6, PS3.4 C.4.1).
+
+A DIMSE PACS answers baseline *hierarchical* queries: one level at a time, with
+the unique key of every level above it (PS3.4 C.4.1.2.1).  DICOMweb asks for
+more: relational resources (``/series``, ``/instances``), attributes of other
+levels as match keys, and attributes the PACS does not keep.  The planner here
+walks the hierarchy top-down, querying a level only when a match key, a return
+attribute or an unknown parent UID makes it necessary, then checks every match
+key itself, because a PACS silently ignores keys it does not support.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass, field
+
+from pydicom.dataset import Dataset
+
+from app.config import PacsNode
+from app.dicomweb.attributes import UNIQUE_KEY, Level, keyword, level_of
+from app.dicomweb.matching import matches as match_one
+from app.dicomweb.query import MatchKey, QidoQuery
+from app.dimse.find import QueryModel, c_find
+from app.dimse.identifiers import build_identifier
+from app.dimse.pool import AssociationPool
+
+log = logging.getLogger(__name__)
+
+_MODALITIES_IN_STUDY = 0x00080061
+_STUDY_SERIES_COUNT = 0x00201206
+_STUDY_INSTANCE_COUNT = 0x00201208
+_SERIES_INSTANCE_COUNT = 0x00201209
+_MODALITY = 0x00080060
+_DERIVABLE_STUDY = frozenset({_MODALITIES_IN_STUDY, _STUDY_SERIES_COUNT, _STUDY_INSTANCE_COUNT})
+
+
+@dataclass
+class SearchResult:
+    """Matches at the query level, each carrying the attributes to return."""
+
+    matches: list[Dataset] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    # Matches left after offset+limit, if known; None when the scan stopped early.
+    remaining: int | None = 0
+    truncated: bool = False
+
+
+@dataclass
+class _Row:
+    """One path down the hierarchy: the answer at each level queried so far."""
+
+    uids: dict[Level, str]
+    data: dict[Level, Dataset]
+
+
+class Searcher:
+    """Runs one QIDO query against one node."""
+
+    def __init__(self, node: PacsNode, pool: AssociationPool, query: QidoQuery) -> None:
+        self.node = node
+        self.pool = pool
+        self.query = query
+        self.study_root = query.level is not Level.PATIENT and node.query_model == "study"
+        self.model = QueryModel.STUDY_ROOT if self.study_root else QueryModel.PATIENT_ROOT
+        self.warnings: list[str] = list(query.warnings)
+        self._unjudged: set[str] = set()
+        self._budget = node.max_results
+        self._capped = False
+        # The target-level C-FIND was cancelled once offset+limit+1 matches arrived.
+        self._cut = False
+        self._fanout = asyncio.Semaphore(node.max_associations)
+        self._by_level: dict[Level, list[MatchKey]] = {lvl: [] for lvl in Level}
+        for key in query.matches:
+            self._by_level[level_of(key.tag, study_root=self.study_root)].append(key)
+
+    # -- planning ----------------------------------------------------------
+
+    def _chain(self) -> list[Level]:
+        top = Level.STUDY if self.study_root else Level.PATIENT
+        return [lvl for lvl in Level if top.depth <= lvl.depth <= self.query.level.depth]
+
+    def _known_uids(self, level: Level) -> list[str] | None:
+        """UIDs of *level* fixed by an exact match key, else None."""
+        key = next((k for k in self._by_level[level] if k.tag == UNIQUE_KEY[level]), None)
+        if key is None or key.is_universal or key.has_wildcard:
+            return None
+        return key.value.split("\\")
+
+    def _must_query(self, level: Level) -> bool:
+        if level is self.query.level or level in self.query.context_levels:
+            return True
+        unique = UNIQUE_KEY[level]
+        others = [k for k in self._by_level[level] if k.tag != unique]
+        return bool(others) or self._known_uids(level) is None
+
+    # -- execution ---------------------------------------------------------
+
+    async def run(self) -> SearchResult:
+        q = self.query
+        want = None if q.limit is None else q.offset + q.limit + 1
+        if any(k.tag in _DERIVABLE_STUDY for k in self._by_level[Level.STUDY]):
+            # Those keys may only be judged after derivation: no early stop.
+            want = None
+        rows: list[_Row] = [_Row(uids={}, data={})]
+        chain = self._chain()
+        for level in chain:
+            is_target = level is q.level
+            if not self._must_query(level):
+                uids = self._known_uids(level) or []
+                rows = [_Row({**r.uids, level: u}, dict(r.data)) for r in rows for u in uids]
+                continue
+            rows = await self._expand(rows, level, want if is_target else None)
+            if not rows:
+                break
+        rows = await self._derive(rows)
+        rows = [r for r in rows if self._accept(r.data[q.level], q.level, final=True)]
+        rows = await self._filter_below(rows)
+        result = SearchResult(warnings=self.warnings)
+        for name in sorted(self._unjudged):
+            result.warnings.append(
+                f"The PACS did not return {name}, so results were not filtered on it."
+            )
+        total = len(rows)
+        start = min(q.offset, total)
+        end = total if q.limit is None else min(total, start + q.limit)
+        result.matches = [self._assemble(r) for r in rows[start:end]]
+        result.truncated = self._capped
+        result.remaining = None if (self._capped or self._cut) else total - end
+        if self._cut and end < total:
+            result.warnings.append("There are additional results that can be requested.")
+        elif result.remaining:
+            result.warnings.append(
+                f"There are {result.remaining} additional results that can be requested."
+            )
+        if self._capped:
+            result.warnings.append(
+                f"The search stopped after {self.node.max_results} matches (the node's "
+                "max_results); narrow the query to see the rest."
+            )
+        return result
+
+    async def _expand(self, rows: list[_Row], level: Level, want: int | None) -> list[_Row]:
+        """Query *level* under each row; the answers become the new rows."""
+        return_tags = self._return_tags(level)
+        keys = self._by_level[level]
+
+        async def one(row: _Row) -> list[_Row]:
+            parents = [_unique_match(lvl, uid) for lvl, uid in row.uids.items()]
+            ident = build_identifier(level, [*parents, *keys], return_tags)
+            limit = want if len(rows) == 1 else None
+            cap = min(self._budget, limit) if limit else self._budget
+            async with self._fanout:
+                found = await c_find(
+                    self.pool,
+                    ident,
+                    self.model,
+                    max_matches=cap,
+                    accept=lambda ds: self._accept(ds, level),
+                )
+            if found.truncated:
+                if limit is not None and cap == limit:
+                    self._cut = True
+                else:
+                    self._capped = True
+            out = []
+            for ds in found.matches:
+                _decode(ds)
+                uid = str(ds.get(UNIQUE_KEY[level], ""))
+                if not uid:
+                    continue  # an answer without its unique key cannot be followed or returned
+                out.append(_Row({**row.uids, level: uid}, {**row.data, level: ds}))
+            return out
+
+        results: list[_Row] = []
+        for chunk in await asyncio.gather(*(one(r) for r in rows)):
+            results.extend(chunk)
+            self._budget_use(len(chunk))
+        return results
+
+    def _budget_use(self, n: int) -> None:
+        self._budget = max(1, self._budget - n)
+
+    def _return_tags(self, level: Level) -> set[int]:
+        q = self.query
+        if level is q.level or level in q.context_levels:
+            tags = {
+                t
+                for t in q.return_tags(level)
+                if level_of(t, study_root=self.study_root) is level or t == UNIQUE_KEY[level]
+            }
+            if level is Level.STUDY and not self.study_root:
+                tags -= {t for t in tags if level_of(t, study_root=False) is Level.PATIENT}
+            return tags
+        return {UNIQUE_KEY[level]}
+
+    def _accept(self, ds: Dataset, level: Level, *, final: bool = False) -> bool:
+        """Check the match keys of *level* against an answer.
+
+        Keys the answer lacks cannot be judged: the answer is kept (a PACS that
+        ignores a key returns unfiltered answers) and a Warning says so.
+        """
+        for key in self._by_level[level]:
+            verdict = match_one(ds, key, fuzzy=False)
+            if verdict is False:
+                return False
+            if verdict is None and final and key.tag not in _DERIVABLE_STUDY:
+                self._unjudged.add(key.parameter)
+        return True
+
+    async def _derive(self, rows: list[_Row]) -> list[_Row]:
+        """Fill study attributes the PACS did not return, from a SERIES query per study.
+
+        ModalitiesInStudy and the related counts are optional keys many PACS do
+        not keep (dcmqrscp, qrscp); clients still filter and display them.
+        """
+        q = self.query
+        if Level.STUDY not in (q.level, *q.context_levels):
+            return rows
+        wanted = q.return_tags(Level.STUDY) | {k.tag for k in self._by_level[Level.STUDY]}
+        wanted &= _DERIVABLE_STUDY
+        todo = [
+            r
+            for r in rows
+            if Level.STUDY in r.data
+            and any(t not in r.data[Level.STUDY] or r.data[Level.STUDY][t].is_empty for t in wanted)
+        ]
+        if not todo:
+            return rows
+
+        async def fill(row: _Row) -> None:
+            study = row.data[Level.STUDY]
+            parents = [
+                _unique_match(lvl, uid)
+                for lvl, uid in row.uids.items()
+                if lvl in (Level.PATIENT, Level.STUDY)
+            ]
+            ident = build_identifier(
+                Level.SERIES,
+                parents,
+                {UNIQUE_KEY[Level.SERIES], _MODALITY, _SERIES_INSTANCE_COUNT},
+            )
+            async with self._fanout:
+                found = await c_find(self.pool, ident, self.model)
+            modalities = sorted({str(ds.get(_MODALITY, "")) for ds in found.matches} - {""})
+            if _MODALITIES_IN_STUDY in wanted and not _present(study, _MODALITIES_IN_STUDY):
+                study.ModalitiesInStudy = modalities
+            if _STUDY_SERIES_COUNT in wanted and not _present(study, _STUDY_SERIES_COUNT):
+                study.NumberOfStudyRelatedSeries = len(found.matches)
+            counts = [ds.get(_SERIES_INSTANCE_COUNT) for ds in found.matches]
+            if (
+                _STUDY_INSTANCE_COUNT in wanted
+                and not _present(study, _STUDY_INSTANCE_COUNT)
+                and counts
+                and all(c is not None and str(c.value).strip() for c in counts)
+            ):
+                study.NumberOfStudyRelatedInstances = sum(
+                    int(c.value) for c in counts if c is not None
+                )
+
+        await asyncio.gather(*(fill(r) for r in todo))
+        return rows
+
+    async def _filter_below(self, rows: list[_Row]) -> list[_Row]:
+        """Keep rows with at least one child matching the keys of lower levels."""
+        q = self.query
+        below = [lvl for lvl in Level if lvl.depth > q.level.depth and self._by_level[lvl]]
+        if not below or not rows:
+            return rows
+        keys = [k for lvl in below for k in self._by_level[lvl]]
+
+        async def keep(row: _Row) -> bool:
+            # A search one level down under this row; the sub-searcher walks any
+            # intermediate level (an instance key in a study search).
+            parents = [_unique_match(lvl, uid) for lvl, uid in row.uids.items()]
+            sub_query = QidoQuery(level=below[-1], matches=[*parents, *keys], limit=1)
+            found = await Searcher(self.node, self.pool, sub_query).run()
+            return bool(found.matches)
+
+        verdicts = await asyncio.gather(*(keep(r) for r in rows))
+        return [r for r, ok in zip(rows, verdicts, strict=True) if ok]
+
+    def _assemble(self, row: _Row) -> Dataset:
+        q = self.query
+        out = Dataset()
+        for level in (*q.context_levels, q.level):
+            ds = row.data.get(level)
+            if ds is None:
+                continue
+            for tag in q.return_tags(level):
+                if tag in ds:
+                    out[tag] = ds[tag]
+        return out
+
+
+def _unique_match(level: Level, uid: str) -> MatchKey:
+    tag = UNIQUE_KEY[level]
+    return MatchKey((tag,), "LO" if level is Level.PATIENT else "UI", uid, level, keyword(tag))
+
+
+def _present(ds: Dataset, tag: int) -> bool:
+    return tag in ds and not ds[tag].is_empty
+
+
+def _decode(ds: Dataset) -> None:
+    """Decode text with the answer's own character set, then forget the charset.
+
+    Rows merge answers from several C-FINDs whose character sets may differ
+    (dcmqrscp answers each record in the charset it was stored in).
+    """
+    ds.decode()
+    if "SpecificCharacterSet" in ds:
+        del ds.SpecificCharacterSet
+
+
+async def search(node: PacsNode, pool: AssociationPool, query: QidoQuery) -> SearchResult:
+    """Run a QIDO search against *node*."""
+    return await Searcher(node, pool, query).run()
