@@ -24,6 +24,7 @@ from app.dicomweb.query import MatchKey, QidoQuery
 from app.dimse.find import QueryModel, c_find
 from app.dimse.identifiers import build_identifier
 from app.dimse.pool import AssociationPool
+from app.runtime import Gateway
 
 log = logging.getLogger(__name__)
 
@@ -283,6 +284,11 @@ class Searcher:
     def _assemble(self, row: _Row) -> Dataset:
         q = self.query
         out = Dataset()
+        # The UIDs above the result's level: clients need them to build URLs
+        # (RetrieveURL), and most servers, Orthanc's plugin included, return them.
+        for level, uid in row.uids.items():
+            if level in (Level.STUDY, Level.SERIES) and level.depth < q.level.depth:
+                out.add_new(UNIQUE_KEY[level], "UI", uid)
         for level in (*q.context_levels, q.level):
             ds = row.data.get(level)
             if ds is None:

@@ -1,0 +1,113 @@
+"""The one place where gateway errors become HTTP responses."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from app.dimse.status import is_out_of_resources, meaning
+from app.errors import (
+    AssociationAborted,
+    AssociationRejected,
+    DimseTimeout,
+    GatewayError,
+    InvalidRequest,
+    NotFound,
+    PacsError,
+    PacsFailureStatus,
+    PacsUnavailable,
+    PoolExhausted,
+)
+
+log = logging.getLogger(__name__)
+
+
+def _status_of(exc: GatewayError) -> int:
+    if isinstance(exc, InvalidRequest):
+        return 400
+    if isinstance(exc, NotFound):
+        return 404
+    if isinstance(exc, PoolExhausted | PacsUnavailable):
+        return 503
+    if isinstance(exc, DimseTimeout):
+        return 504
+    if isinstance(exc, PacsFailureStatus):
+        return 503 if is_out_of_resources(exc.status) else 502
+    if isinstance(exc, AssociationRejected | AssociationAborted | PacsError):
+        return 502
+    return 500
+
+
+def error_body(exc: GatewayError) -> dict[str, Any]:
+    body: dict[str, Any] = {"error": type(exc).__name__, "message": exc.message}
+    parameter = getattr(exc, "parameter", None)
+    if parameter is not None:
+        body["parameter"] = parameter
+    if isinstance(exc, PacsError):
+        body["node"] = exc.node
+    if isinstance(exc, PacsFailureStatus):
+        body["dimse_status"] = f"0x{exc.status:04X}"
+        body["dimse_meaning"] = meaning(exc.status)
+        if exc.comment:
+            body["error_comment"] = exc.comment
+    return body
+
+
+async def _gateway_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, GatewayError)
+    status = _status_of(exc)
+    headers = {}
+    if isinstance(exc, PoolExhausted):
+        headers["Retry-After"] = str(exc.retry_after)
+    elif status == 503:
+        headers["Retry-After"] = "5"
+    log.log(
+        logging.WARNING if status >= 500 else logging.INFO,
+        "%s %s -> %d %s",
+        request.method,
+        request.url.path,
+        status,
+        exc.message,
+    )
+    return JSONResponse(error_body(exc), status_code=status, headers=headers)
+
+
+async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, RequestValidationError)
+    problems = []
+    for err in exc.errors():
+        where = ".".join(str(p) for p in err.get("loc", ()) if p not in ("query", "path"))
+        problems.append(f"{where}: {err.get('msg', 'invalid')}")
+    return JSONResponse(
+        {"error": "InvalidRequest", "message": "; ".join(problems) or "invalid request"},
+        status_code=400,
+    )
+
+
+async def _http_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, StarletteHTTPException)
+    return JSONResponse(
+        {"error": "HTTPError", "message": str(exc.detail)},
+        status_code=exc.status_code,
+        headers=dict(exc.headers or {}),
+    )
+
+
+async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+    log.exception("unexpected error on %s %s", request.method, request.url.path)
+    return JSONResponse(
+        {"error": "InternalError", "message": "the gateway hit an unexpected error; see its log"},
+        status_code=500,
+    )
+
+
+def install(app: FastAPI) -> None:
+    app.add_exception_handler(GatewayError, _gateway_error)
+    app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(StarletteHTTPException, _http_error)
+    app.add_exception_handler(Exception, _unexpected)

@@ -1,0 +1,41 @@
+"""Process health, node list with pool state, and C-ECHO per node."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter
+
+from app.api.deps import GatewayDep, NodeDep
+from app.services.health import echo
+
+router = APIRouter(tags=["health"])
+
+
+@router.get("/health", summary="Process health")
+async def health() -> dict[str, str]:
+    return {"status": "ok"}
+
+
+@router.get("/pacs", summary="Configured PACS nodes and the state of their association pools")
+async def nodes(gateway: GatewayDep) -> list[dict[str, Any]]:
+    default = gateway.settings.default_node
+    return [
+        {
+            "name": node.name,
+            "ae_title": node.ae_title,
+            "host": node.host,
+            "port": node.port,
+            "default": default is not None and node.name == default.name,
+            "query_model": node.query_model,
+            "retrieve": node.retrieve,
+            "pool": gateway.pool(node).state().as_dict(),
+        }
+        for node in gateway.settings.nodes
+    ]
+
+
+@router.get("/pacs/{node}/echo", summary="C-ECHO the node through the association pool")
+async def echo_node(node: NodeDep, gateway: GatewayDep) -> dict[str, Any]:
+    rtt = await echo(gateway, node)
+    return {"node": node.name, "status": "ok", "rtt_ms": round(rtt * 1000, 2)}

@@ -1,0 +1,166 @@
+"""QIDO-RS resources (PS3.18 §10.6), served for every node and for the default node."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from fastapi import APIRouter, Request, Response
+
+from app.api.deps import ClientGone, GatewayDep, NodeDep, until_disconnected
+from app.dicomweb.attributes import Level
+from app.dicomweb.json import dataset_to_json, dumps
+from app.dicomweb.query import check_uid, parse_qido
+from app.errors import InvalidRequest
+from app.services.search import SearchResult, run_search
+
+DICOM_JSON = "application/dicom+json"
+SERVICE = "dimse-gateway"
+_ACCEPTABLE = {DICOM_JSON, "application/json", "*/*", "application/*"}
+
+_STUDY = 0x0020000D
+_SERIES = 0x0020000E
+_INSTANCE = 0x00080018
+
+router = APIRouter(tags=["QIDO-RS search"])
+
+
+def _check_accept(request: Request) -> None:
+    values = request.query_params.getlist("accept") or [request.headers.get("accept", "*/*")]
+    offered = [
+        part.split(";")[0].strip().lower() for value in values for part in value.split(",")
+    ]
+    if offered and not any(t in _ACCEPTABLE or not t for t in offered):
+        raise _NotAcceptable(offered)
+
+
+class _NotAcceptable(InvalidRequest):
+    def __init__(self, offered: list[str]) -> None:
+        super().__init__(
+            f"cannot answer a search as {', '.join(offered)}; searches answer {DICOM_JSON}"
+        )
+
+
+def _base_url(request: Request) -> str:
+    path = request.url.path
+    marker = "/dicomweb"
+    return str(request.base_url).rstrip("/") + path[: path.index(marker) + len(marker)]
+
+
+def _retrieve_url(base: str, level: Level, obj: dict[int, str]) -> str | None:
+    study, series, instance = obj.get(_STUDY), obj.get(_SERIES), obj.get(_INSTANCE)
+    if level is Level.STUDY and study:
+        return f"{base}/studies/{study}"
+    if level is Level.SERIES and study and series:
+        return f"{base}/studies/{study}/series/{series}"
+    if level is Level.IMAGE and study and series and instance:
+        return f"{base}/studies/{study}/series/{series}/instances/{instance}"
+    return None
+
+
+async def _answer(
+    request: Request,
+    gateway: GatewayDep,
+    node: NodeDep,
+    level: Level,
+    *,
+    path_uids: dict[int, str] | None = None,
+    context: Iterable[Level] = (),
+    path_matches: Iterable[tuple[str, str]] = (),
+) -> Response:
+    _check_accept(request)
+    params = [*path_matches, *request.query_params.multi_items()]
+    query = parse_qido(
+        level,
+        params,
+        path_uids=path_uids,
+        context_levels=context,
+        study_root=node.query_model == "study" and level is not Level.PATIENT,
+    )
+    try:
+        result: SearchResult = await until_disconnected(
+            request, run_search(gateway, node, query)
+        )
+    except ClientGone:
+        return Response(status_code=499)
+    base = _base_url(request)
+    objects = []
+    for ds in result.matches:
+        obj = dataset_to_json(ds)
+        uids = {tag: str(ds[tag].value) for tag in (_STUDY, _SERIES, _INSTANCE) if tag in ds}
+        url = _retrieve_url(base, level, uids)
+        if url is not None:
+            obj["00081190"] = {"vr": "UR", "Value": [url]}
+            obj = dict(sorted(obj.items()))
+        objects.append(obj)
+    headers = [("Warning", f"299 {SERVICE}: {text}") for text in result.warnings]
+    if not objects and node.no_match_status == 204:
+        response = Response(status_code=204)
+    else:
+        response = Response(dumps(objects), media_type=DICOM_JSON)
+    for name, value in headers:
+        response.headers.append(name, value)
+    return response
+
+
+@router.get("/patients", summary="Search for patients (Patient Root C-FIND, PATIENT level)")
+async def search_patients(request: Request, gateway: GatewayDep, node: NodeDep) -> Response:
+    return await _answer(request, gateway, node, Level.PATIENT)
+
+
+@router.get("/patients/{patient_id}/studies", summary="Search for the studies of one patient")
+async def search_patient_studies(
+    patient_id: str, request: Request, gateway: GatewayDep, node: NodeDep
+) -> Response:
+    if not patient_id or "*" in patient_id or "?" in patient_id or "\\" in patient_id:
+        raise InvalidRequest("patient_id in the path must be one literal Patient ID")
+    return await _answer(
+        request, gateway, node, Level.STUDY, path_matches=[("PatientID", patient_id)]
+    )
+
+
+@router.get("/studies", summary="Search for studies")
+async def search_studies(request: Request, gateway: GatewayDep, node: NodeDep) -> Response:
+    return await _answer(request, gateway, node, Level.STUDY)
+
+
+@router.get("/series", summary="Search for series in all studies")
+async def search_series(request: Request, gateway: GatewayDep, node: NodeDep) -> Response:
+    return await _answer(request, gateway, node, Level.SERIES, context=[Level.STUDY])
+
+
+@router.get("/instances", summary="Search for instances in all studies")
+async def search_instances(request: Request, gateway: GatewayDep, node: NodeDep) -> Response:
+    return await _answer(
+        request, gateway, node, Level.IMAGE, context=[Level.STUDY, Level.SERIES]
+    )
+
+
+@router.get("/studies/{study}/series", summary="Search for the series of a study")
+async def search_study_series(
+    study: str, request: Request, gateway: GatewayDep, node: NodeDep
+) -> Response:
+    check_uid("study", study)
+    return await _answer(request, gateway, node, Level.SERIES, path_uids={_STUDY: study})
+
+
+@router.get("/studies/{study}/instances", summary="Search for the instances of a study")
+async def search_study_instances(
+    study: str, request: Request, gateway: GatewayDep, node: NodeDep
+) -> Response:
+    check_uid("study", study)
+    return await _answer(
+        request, gateway, node, Level.IMAGE, path_uids={_STUDY: study}, context=[Level.SERIES]
+    )
+
+
+@router.get(
+    "/studies/{study}/series/{series}/instances", summary="Search for the instances of a series"
+)
+async def search_series_instances(
+    study: str, series: str, request: Request, gateway: GatewayDep, node: NodeDep
+) -> Response:
+    check_uid("study", study)
+    check_uid("series", series)
+    return await _answer(
+        request, gateway, node, Level.IMAGE, path_uids={_STUDY: study, _SERIES: series}
+    )
