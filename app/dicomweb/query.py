@@ -194,22 +194,26 @@ def _check_range(name: str, vr: str, value: str) -> str:
         for end in (low, high):
             if end and not pattern.match(end):
                 raise InvalidQuery(name, f"{end!r} is not a valid {vr} value")
-            if end and vr == "DA":
-                _check_calendar(name, end)
+            if end:
+                _check_calendar(name, vr, end)
         if low and high and vr != "DT" and low > high:
             raise InvalidQuery(name, "the range starts after it ends")
         return f"{low}-{high}"
     if not pattern.match(value):
         raise InvalidQuery(name, f"{value[:40]!r} is not a valid {vr} value or range")
-    if vr == "DA":
-        _check_calendar(name, value)
+    _check_calendar(name, vr, value)
     return value
 
 
-def _check_calendar(name: str, value: str) -> None:
-    month, day = int(value[4:6]), int(value[6:8])
-    if not (1 <= month <= 12 and 1 <= day <= 31):
-        raise InvalidQuery(name, f"{value!r} is not a calendar date")
+def _check_calendar(name: str, vr: str, value: str) -> None:
+    if vr == "DA":
+        month, day = int(value[4:6]), int(value[6:8])
+        if not (1 <= month <= 12 and 1 <= day <= 31):
+            raise InvalidQuery(name, f"{value!r} is not a calendar date")
+    elif vr == "TM":
+        parts = [int(value[i : i + 2]) for i in range(0, min(len(value), 6), 2)]
+        if any(p >= limit for p, limit in zip(parts, (24, 60, 61), strict=False)):
+            raise InvalidQuery(name, f"{value!r} is not a time of day")
 
 
 def _match_value(name: str, path: tuple[int, ...], raw: str) -> tuple[str, str]:

@@ -1,0 +1,129 @@
+"""QIDO-RS parameter parsing (PS3.18 §8.3.4)."""
+
+from __future__ import annotations
+
+import pytest
+
+from app.dicomweb.attributes import Level
+from app.dicomweb.query import parse_qido, valid_uid
+from app.errors import InvalidQuery
+
+STUDY_UID = 0x0020000D
+
+
+def test_keyword_and_tag_forms_are_the_same_key() -> None:
+    a = parse_qido(Level.STUDY, [("PatientID", "P1")])
+    b = parse_qido(Level.STUDY, [("00100020", "P1")])
+    assert a.matches == [
+        m.__class__(m.path, m.vr, m.value, m.level, "PatientID") for m in b.matches
+    ]
+    assert a.matches[0].path == (0x00100020,)
+
+
+def test_uid_list_becomes_dimse_multi_value() -> None:
+    q = parse_qido(Level.STUDY, [("StudyInstanceUID", "1.2.3,1.2.4")])
+    assert q.matches[0].value == "1.2.3\\1.2.4"
+    # OHIF joins study UIDs with backslashes.
+    q = parse_qido(Level.STUDY, [("StudyInstanceUID", "1.2.3\\1.2.4")])
+    assert q.matches[0].value == "1.2.3\\1.2.4"
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        ("20240101-20240131", "20240101-20240131"),
+        ("-20240131", "-20240131"),
+        ("20240101-", "20240101-"),
+        ("20240101", "20240101"),
+    ],
+)
+def test_date_ranges(value: str, expected: str) -> None:
+    q = parse_qido(Level.STUDY, [("StudyDate", value)])
+    assert q.matches[0].value == expected
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "fragment"),
+    [
+        ("StudyDate", "2024-01-01x", "StudyDate"),
+        ("StudyDate", "20241301", "calendar"),
+        ("StudyDate", "20240201-20240101", "starts after"),
+        ("StudyInstanceUID", "1.2.abc", "not a valid DICOM UID"),
+        ("StudyInstanceUID", "1.02.3", "not a valid DICOM UID"),
+        ("NoSuchKeyword", "x", "not a DICOM attribute keyword"),
+        ("limit", "-1", "must not be negative"),
+        ("offset", "ten", "whole number"),
+        ("fuzzymatching", "perhaps", "true or false"),
+        ("PixelData", "", "cannot be matched"),
+        ("QueryRetrieveLevel", "STUDY", "set by the gateway"),
+        ("00091001", "x", "private"),
+        ("StudyTime", "25", "StudyTime"),
+        ("SeriesNumber", "abc", "not a number"),
+        ("PatientName", "A\\B", "only supported for UIDs"),
+    ],
+)
+def test_bad_parameters_are_named(name: str, value: str, fragment: str) -> None:
+    with pytest.raises(InvalidQuery) as info:
+        parse_qido(Level.STUDY, [(name, value)])
+    assert info.value.parameter == name
+    assert fragment in info.value.message
+
+
+def test_repeated_match_key_is_refused() -> None:
+    with pytest.raises(InvalidQuery) as info:
+        parse_qido(Level.STUDY, [("PatientID", "a"), ("00100020", "b")])
+    assert info.value.parameter == "00100020"
+
+
+def test_includefield_repeated_comma_and_all() -> None:
+    q = parse_qido(
+        Level.STUDY,
+        [
+            ("includefield", "00081030,00080060"),
+            ("includefield", "StudyID"),
+            ("includefield", "all"),
+        ],
+    )
+    assert {0x00081030, 0x00080060, 0x00200010} <= q.includefields
+    assert q.include_all
+    # Series attributes asked for in a study search are not returned (PS3.18 §10.6.3.3.1).
+    assert 0x00080060 not in q.return_tags(Level.STUDY)
+    assert 0x00081030 in q.return_tags(Level.STUDY)
+
+
+def test_path_uid_is_a_match_and_checked() -> None:
+    q = parse_qido(Level.SERIES, [], path_uids={STUDY_UID: "1.2.840.1"})
+    assert q.match(STUDY_UID) is not None
+    with pytest.raises(InvalidQuery):
+        parse_qido(Level.SERIES, [], path_uids={STUDY_UID: "../../etc"})
+
+
+def test_limit_offset_fuzzy() -> None:
+    q = parse_qido(Level.STUDY, [("limit", "10"), ("offset", "5"), ("fuzzymatching", "true")])
+    assert (q.limit, q.offset, q.fuzzymatching) == (10, 5, True)
+
+
+def test_sequence_key() -> None:
+    q = parse_qido(Level.SERIES, [("RequestAttributesSequence.ScheduledProcedureStepID", "S1")])
+    assert q.matches[0].path == (0x00400275, 0x00400009)
+    with pytest.raises(InvalidQuery):
+        parse_qido(Level.SERIES, [("PatientID.StudyID", "x")])
+
+
+def test_patient_level_refuses_lower_keys() -> None:
+    with pytest.raises(InvalidQuery):
+        parse_qido(Level.PATIENT, [("Modality", "CT")], study_root=False)
+
+
+@pytest.mark.parametrize(
+    ("uid", "ok"),
+    [
+        ("1.2.840.10008.1.2", True),
+        ("0", True),
+        ("1." * 40 + "1", False),
+        ("1..2", False),
+        ("", False),
+    ],
+)
+def test_uid_grammar(uid: str, ok: bool) -> None:
+    assert valid_uid(uid) is ok
