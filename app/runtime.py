@@ -9,12 +9,12 @@ from __future__ import annotations
 import logging
 from concurrent.futures import ThreadPoolExecutor
 
+from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom.sop_class import (
     PatientRootQueryRetrieveInformationModelFind,
     StudyRootQueryRetrieveInformationModelFind,
     Verification,
 )
-from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
 from app.config import PacsNode, Settings
 from app.dimse.pool import AssociationPool

@@ -319,6 +319,6 @@ def _decode(ds: Dataset) -> None:
         del ds.SpecificCharacterSet
 
 
-async def search(node: PacsNode, pool: AssociationPool, query: QidoQuery) -> SearchResult:
+async def run_search(gateway: Gateway, node: PacsNode, query: QidoQuery) -> SearchResult:
     """Run a QIDO search against *node*."""
-    return await Searcher(node, pool, query).run()
+    return await Searcher(node, gateway.pool(node), query).run()
