@@ -67,8 +67,10 @@ def cmd_nodes(args: argparse.Namespace) -> int:
         return 1
     for node in settings.nodes:
         mark = " (default)" if default is not None and node.name == default.name else ""
-        print(f"{node.name}{mark}: {node.ae_title}@{node.host}:{node.port} "
-              f"query_model={node.query_model} retrieve={node.retrieve}")
+        print(
+            f"{node.name}{mark}: {node.ae_title}@{node.host}:{node.port} "
+            f"query_model={node.query_model} retrieve={node.retrieve}"
+        )
     return 0
 
 
@@ -107,6 +109,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
         work / "pacs",
         port=args.pacs_port,
         ae_title="DEMOPACS",
+        # Stock qrscp answers without a character set; non-Latin names become "?".
+        utf8_answers=True,
         move_destinations={gateway_ae: ("127.0.0.1", args.storage_port)},
     ) as pacs:
         count = load_demo_data(pacs, work / "sample-data")

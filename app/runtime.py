@@ -10,13 +10,9 @@ import logging
 from concurrent.futures import ThreadPoolExecutor
 
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
-from pynetdicom.sop_class import (
-    PatientRootQueryRetrieveInformationModelFind,
-    StudyRootQueryRetrieveInformationModelFind,
-    Verification,
-)
 
 from app.config import PacsNode, Settings
+from app.dimse.find import VERIFICATION, QueryModel
 from app.dimse.pool import AssociationPool
 from app.errors import UnknownNode
 
@@ -26,9 +22,9 @@ log = logging.getLogger(__name__)
 # VR is the one syntax every PACS must accept (PS3.5 10.1).
 _QR_SYNTAXES = (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
 QUERY_CONTEXTS = (
-    (Verification, _QR_SYNTAXES),
-    (StudyRootQueryRetrieveInformationModelFind, _QR_SYNTAXES),
-    (PatientRootQueryRetrieveInformationModelFind, _QR_SYNTAXES),
+    (VERIFICATION, _QR_SYNTAXES),
+    (QueryModel.STUDY_ROOT.value, _QR_SYNTAXES),
+    (QueryModel.PATIENT_ROOT.value, _QR_SYNTAXES),
 )
 
 

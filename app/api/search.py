@@ -26,9 +26,7 @@ router = APIRouter(tags=["QIDO-RS search"])
 
 def _check_accept(request: Request) -> None:
     values = request.query_params.getlist("accept") or [request.headers.get("accept", "*/*")]
-    offered = [
-        part.split(";")[0].strip().lower() for value in values for part in value.split(",")
-    ]
+    offered = [part.split(";")[0].strip().lower() for value in values for part in value.split(",")]
     if offered and not any(t in _ACCEPTABLE or not t for t in offered):
         raise _NotAcceptable(offered)
 
@@ -77,9 +75,7 @@ async def _answer(
         study_root=node.query_model == "study" and level is not Level.PATIENT,
     )
     try:
-        result: SearchResult = await until_disconnected(
-            request, run_search(gateway, node, query)
-        )
+        result: SearchResult = await until_disconnected(request, run_search(gateway, node, query))
     except ClientGone:
         return Response(status_code=499)
     base = _base_url(request)
@@ -130,9 +126,7 @@ async def search_series(request: Request, gateway: GatewayDep, node: NodeDep) ->
 
 @router.get("/instances", summary="Search for instances in all studies")
 async def search_instances(request: Request, gateway: GatewayDep, node: NodeDep) -> Response:
-    return await _answer(
-        request, gateway, node, Level.IMAGE, context=[Level.STUDY, Level.SERIES]
-    )
+    return await _answer(request, gateway, node, Level.IMAGE, context=[Level.STUDY, Level.SERIES])
 
 
 @router.get("/studies/{study}/series", summary="Search for the series of a study")

@@ -20,6 +20,9 @@ from app.errors import AssociationAborted, DimseTimeout, PacsFailureStatus
 log = logging.getLogger(__name__)
 
 
+VERIFICATION = "1.2.840.10008.1.1"
+
+
 class QueryModel(StrEnum):
     """Q/R information models, as their FIND SOP Class UIDs (PS3.4 C.6)."""
 

@@ -151,14 +151,21 @@ class Searcher:
             ident = build_identifier(level, [*parents, *keys], return_tags)
             limit = want if len(rows) == 1 else None
             cap = min(self._budget, limit) if limit else self._budget
+            unique = UNIQUE_KEY[level]
+            accepted: set[str] = set()
+
+            def accept(ds: Dataset) -> bool:
+                # Runs in the C-FIND's worker thread, one answer at a time.  Some
+                # PACS (qrscp) answer once per instance at every level: repeats
+                # must not count towards the limit.
+                uid = _text(ds, unique)
+                if not uid or uid in accepted or not self._accept(ds, level):
+                    return False
+                accepted.add(uid)
+                return True
+
             async with self._fanout:
-                found = await c_find(
-                    self.pool,
-                    ident,
-                    self.model,
-                    max_matches=cap,
-                    accept=lambda ds: self._accept(ds, level),
-                )
+                found = await c_find(self.pool, ident, self.model, max_matches=cap, accept=accept)
             if found.truncated:
                 if limit is not None and cap == limit:
                     self._cut = True
@@ -166,10 +173,8 @@ class Searcher:
                     self._capped = True
             out = []
             for ds in found.matches:
+                uid = _text(ds, unique)
                 _decode(ds)
-                uid = str(ds.get(UNIQUE_KEY[level], ""))
-                if not uid:
-                    continue  # an answer without its unique key cannot be followed or returned
                 out.append(_Row({**row.uids, level: uid}, {**row.data, level: ds}))
             return out
 
@@ -243,12 +248,15 @@ class Searcher:
             )
             async with self._fanout:
                 found = await c_find(self.pool, ident, self.model)
-            modalities = sorted({str(ds.get(_MODALITY, "")) for ds in found.matches} - {""})
+            # Keyed by series UID: some PACS repeat a series once per instance.
+            series = {_text(ds, UNIQUE_KEY[Level.SERIES]): ds for ds in found.matches}
+            series.pop("", None)
+            modalities = sorted({_text(ds, _MODALITY) for ds in series.values()} - {""})
             if _MODALITIES_IN_STUDY in wanted and not _present(study, _MODALITIES_IN_STUDY):
                 study.ModalitiesInStudy = modalities
             if _STUDY_SERIES_COUNT in wanted and not _present(study, _STUDY_SERIES_COUNT):
-                study.NumberOfStudyRelatedSeries = len(found.matches)
-            counts = [ds.get(_SERIES_INSTANCE_COUNT) for ds in found.matches]
+                study.NumberOfStudyRelatedSeries = len(series)
+            counts = [ds.get(_SERIES_INSTANCE_COUNT) for ds in series.values()]
             if (
                 _STUDY_INSTANCE_COUNT in wanted
                 and not _present(study, _STUDY_INSTANCE_COUNT)
@@ -302,6 +310,13 @@ class Searcher:
 def _unique_match(level: Level, uid: str) -> MatchKey:
     tag = UNIQUE_KEY[level]
     return MatchKey((tag,), "LO" if level is Level.PATIENT else "UI", uid, level, keyword(tag))
+
+
+def _text(ds: Dataset, tag: int) -> str:
+    elem = ds.get(tag)
+    if elem is None or elem.value is None:
+        return ""
+    return str(elem.value).strip()
 
 
 def _present(ds: Dataset, tag: int) -> bool:
