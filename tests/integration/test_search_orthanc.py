@@ -7,6 +7,7 @@ Where they legitimately differ, the test says so and why.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -89,10 +90,9 @@ def _norm(attr: dict[str, Any]) -> Any:
     for v in values:
         if isinstance(v, str):
             v = v.strip()
-            try:
-                v = float(v) if attr["vr"] in ("IS", "DS") else v
-            except ValueError:
-                pass
+            if attr["vr"] in ("IS", "DS"):
+                with contextlib.suppress(ValueError):
+                    v = float(v)
         elif isinstance(v, int | float):
             v = float(v)
         out.append(v)
