@@ -283,7 +283,9 @@ class Searcher:
             # intermediate level (an instance key in a study search).
             parents = [_unique_match(lvl, uid) for lvl, uid in row.uids.items()]
             sub_query = QidoQuery(level=below[-1], matches=[*parents, *keys], limit=1)
-            found = await Searcher(self.node, self.pool, sub_query).run()
+            sub = Searcher(self.node, self.pool, sub_query)
+            found = await sub.run()
+            self._unjudged |= sub._unjudged
             return bool(found.matches)
 
         verdicts = await asyncio.gather(*(keep(r) for r in rows))

@@ -23,6 +23,7 @@ from typing import TypeVar
 
 import pytest
 
+from app.demo import QrscpProcess, store_files
 from app.sampledata import sample_studies, write_datasets
 from tests.peers.common import LOOPBACK, PeerProcess, free_port
 from tests.peers.dcmqrscp import DcmqrscpPeer, dcmqrscp_available
@@ -180,6 +181,28 @@ def dcmqrscp_peer(
         yield _start_and_load(peer, peer_data_files)
     finally:
         peer.stop()
+
+
+@pytest.fixture(scope="session")
+def qrscp_peer(
+    tmp_path_factory: pytest.TempPathFactory,
+    gateway_storage_port: int,
+    sample_files: list[Path],
+) -> Iterator[QrscpProcess]:
+    """pynetdicom's ``qrscp`` app (the demo PACS, AET ``QRSCP``) holding the sample
+    studies, with UTF-8 answers as the demo runs it.  It gets only the sample data:
+    its C-STORE accepts anything but its index drops instances it cannot index."""
+    work = tmp_path_factory.mktemp("qrscp")
+    pacs = QrscpProcess(
+        work,
+        port=free_port(),
+        ae_title="QRSCP",
+        move_destinations={GATEWAY_AE: (LOOPBACK, gateway_storage_port)},
+        utf8_answers=True,
+    )
+    with pacs:
+        store_files(sample_files, host=LOOPBACK, port=pacs.port, called_ae=pacs.ae_title)
+        yield pacs
 
 
 @pytest.fixture(params=["orthanc_peer", "dcmqrscp_peer"])
