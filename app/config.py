@@ -63,6 +63,9 @@ class PacsNode(BaseModel):
     # An idle association older than this is released rather than reused: many PACS
     # drop idle peers silently, and a dead socket would cost the next request a retry.
     idle_timeout: float = Field(default=30.0, gt=0)
+    # False opens a fresh association for every operation (for PACS that dislike
+    # long-lived associations); the bound on concurrent associations still holds.
+    reuse_associations: bool = True
     connect_timeout: float = Field(default=3.0, gt=0)
     acse_timeout: float = Field(default=10.0, gt=0)
     dimse_timeout: float = Field(default=30.0, gt=0)

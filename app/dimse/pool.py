@@ -217,7 +217,8 @@ class AssociationPool:
             return
         self._in_use.discard(lease)
         self._slots.release()
-        if lease.reusable and not self._closed and lease.assoc.is_established:
+        keep = lease.reusable and self.node.reuse_associations and not self._closed
+        if keep and lease.assoc.is_established:
             lease.last_used = time.monotonic()
             lease.reused = True
             self._idle.append(lease)
