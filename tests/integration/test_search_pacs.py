@@ -279,3 +279,52 @@ class TestSearchEveryPacs:
     def test_no_match_is_204(self, gateway: GatewayServer, pacs: str) -> None:
         resp = search(gateway, pacs, "/studies", PatientID="NOBODY")
         assert resp.status_code == 204
+
+
+@pytest.fixture(scope="module")
+def patient_root_gateway(
+    dcmqrscp_peer: DcmqrscpPeer,
+    qrscp_peer: QrscpProcess,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[GatewayServer]:
+    """Nodes configured for the Patient Root model only, as some PACS require."""
+    settings = Settings(
+        ae_title=GATEWAY_AE,
+        http_port=0,
+        storage_port=0,
+        work_dir=tmp_path_factory.mktemp("gw-patient-root"),
+        nodes=[
+            PacsNode(
+                name="dcmqrscp",
+                ae_title=dcmqrscp_peer.aet,
+                host="127.0.0.1",
+                port=dcmqrscp_peer.dicom_port,
+                query_model="patient",
+            ),
+            PacsNode(
+                name="qrscp",
+                ae_title=qrscp_peer.ae_title,
+                host="127.0.0.1",
+                port=qrscp_peer.port,
+                query_model="patient",
+            ),
+        ],
+    )
+    with GatewayServer(settings) as gw:
+        yield gw
+
+
+@pytest.mark.parametrize("pacs", ["dcmqrscp", "qrscp"])
+def test_patient_root_model_walks_patients_first(
+    patient_root_gateway: GatewayServer, truth: dict[str, Truth], pacs: str
+) -> None:
+    """Patient Root needs one PatientID in every STUDY query (PS3.4 C.6.1.1.3):
+    a study search without it goes through the patients."""
+    t = truth[pacs]
+    assert uids(search(patient_root_gateway, pacs, "/studies"), STUDY) == t.studies()
+    got = uids(
+        search(patient_root_gateway, pacs, "/series", Modality="MR", PatientID="DGW*"), SERIES
+    )
+    assert got == t.series(lambda ds: ds.Modality == "MR" and ds.PatientID.startswith("DGW"))
+    resp = search(patient_root_gateway, pacs, "/studies", StudyDate="20200602")
+    assert uids(resp, STUDY) == t.studies(lambda ds: ds.StudyDate == "20200602")
