@@ -5,6 +5,7 @@
     GatewayError
     ├── InvalidRequest            the client asked for something malformed (400)
     │   └── InvalidQuery          a QIDO parameter is wrong; names the parameter
+    ├── NotAcceptable             no representation the client accepts (406)
     ├── NotFound                  nothing there (404)
     │   └── UnknownNode           no PACS configured under that name
     ├── PoolExhausted             no association free within the wait limit (503)
@@ -37,6 +38,10 @@ class InvalidQuery(InvalidRequest):
     def __init__(self, parameter: str, message: str) -> None:
         super().__init__(f"query parameter {parameter!r}: {message}")
         self.parameter = parameter
+
+
+class NotAcceptable(GatewayError):
+    """None of the media types the client accepts can be produced (PS3.18 §8.7.7)."""
 
 
 class NotFound(GatewayError):

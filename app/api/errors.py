@@ -17,6 +17,7 @@ from app.errors import (
     DimseTimeout,
     GatewayError,
     InvalidRequest,
+    NotAcceptable,
     NotFound,
     PacsError,
     PacsFailureStatus,
@@ -32,6 +33,8 @@ def _status_of(exc: GatewayError) -> int:
         return 400
     if isinstance(exc, NotFound):
         return 404
+    if isinstance(exc, NotAcceptable):
+        return 406
     if isinstance(exc, PoolExhausted | PacsUnavailable):
         return 503
     if isinstance(exc, DimseTimeout):

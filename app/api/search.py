@@ -10,7 +10,7 @@ from app.api.deps import ClientGone, GatewayDep, NodeDep, until_disconnected
 from app.dicomweb.attributes import Level
 from app.dicomweb.json import dataset_to_json, dumps
 from app.dicomweb.query import check_uid, parse_qido
-from app.errors import InvalidRequest
+from app.errors import InvalidRequest, NotAcceptable
 from app.services.search import SearchResult, run_search
 
 DICOM_JSON = "application/dicom+json"
@@ -31,7 +31,7 @@ def _check_accept(request: Request) -> None:
         raise _NotAcceptable(offered)
 
 
-class _NotAcceptable(InvalidRequest):
+class _NotAcceptable(NotAcceptable):
     def __init__(self, offered: list[str]) -> None:
         super().__init__(
             f"cannot answer a search as {', '.join(offered)}; searches answer {DICOM_JSON}"
