@@ -27,6 +27,8 @@ from app.errors import InvalidQuery
 
 UID_RE = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$")
 _HEX_TAG = re.compile(r"^[0-9A-Fa-f]{8}$")
+_IS = re.compile(r"^[+-]?\d{1,12}$")
+_DS = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$")
 _DATE = re.compile(r"^\d{8}$")
 _TIME = re.compile(r"^\d{2}(\d{2}(\d{2}(\.\d{1,6})?)?)?$")
 _DATETIME = re.compile(r"^\d{4}(\d{2}(\d{2}(\d{2}(\d{2}(\d{2}(\.\d{1,6})?)?)?)?)?)?([+-]\d{4})?$")
@@ -104,6 +106,8 @@ class QidoQuery:
     limit: int | None = None
     offset: int = 0
     warnings: list[str] = field(default_factory=list)
+    # A match key contradicts a UID in the URL: the answer is empty by definition.
+    contradictory: bool = False
 
     def match(self, tag: int) -> MatchKey | None:
         for key in self.matches:
@@ -184,25 +188,33 @@ def _check_range(name: str, vr: str, value: str) -> str:
     pattern = {"DA": _DATE, "TM": _TIME, "DT": _DATETIME}[vr]
     if vr == "TM":
         value = value.replace(":", "")
-    # A DT may carry a -HHMM offset, so only a value with exactly one '-' and no
-    # offset sign elsewhere is read as a range.
-    is_range = value.count("-") == 1 and (vr != "DT" or "+" not in value)
-    if is_range:
-        low, _, high = value.partition("-")
-        if not low and not high:
-            raise InvalidQuery(name, "a range needs at least one end")
-        for end in (low, high):
-            if end and not pattern.match(end):
-                raise InvalidQuery(name, f"{end!r} is not a valid {vr} value")
-            if end:
-                _check_calendar(name, vr, end)
-        if low and high and vr != "DT" and low > high:
-            raise InvalidQuery(name, "the range starts after it ends")
-        return f"{low}-{high}"
-    if not pattern.match(value):
+    if pattern.match(value):
+        # A DT such as 20240105103000-0500 is one value with a UTC offset, not a range.
+        _check_calendar(name, vr, value)
+        return value
+    for i, char in enumerate(value):
+        if char != "-":
+            continue
+        low, high = value[:i], value[i + 1 :]
+        if (low or high) and all(not end or pattern.match(end) for end in (low, high)):
+            break
+    else:
         raise InvalidQuery(name, f"{value[:40]!r} is not a valid {vr} value or range")
-    _check_calendar(name, vr, value)
-    return value
+    for end in (low, high):
+        if end:
+            _check_calendar(name, vr, end)
+    if low and high and vr != "DT" and _lower_bound(vr, low) > _upper_bound(vr, high):
+        raise InvalidQuery(name, "the range starts after it ends")
+    return f"{low}-{high}"
+
+
+def _lower_bound(vr: str, value: str) -> str:
+    # A value stands for its whole precision: TM "09" is 09:00:00 to 09:59:59.
+    return value.split(".")[0].ljust(8 if vr == "DA" else 6, "0")
+
+
+def _upper_bound(vr: str, value: str) -> str:
+    return value.split(".")[0].ljust(8 if vr == "DA" else 6, "9")
 
 
 def _check_calendar(name: str, vr: str, value: str) -> None:
@@ -235,10 +247,8 @@ def _match_value(name: str, path: tuple[int, ...], raw: str) -> tuple[str, str]:
     elif vr in RANGE_VRS and value:
         value = _check_range(name, vr, value)
     elif vr in ("IS", "DS") and value:
-        try:
-            float(value)
-        except ValueError:
-            raise InvalidQuery(name, f"{value[:40]!r} is not a number") from None
+        if not (_IS if vr == "IS" else _DS).match(value):
+            raise InvalidQuery(name, f"{value[:40]!r} is not a valid {vr} number")
     if "\\" in value and vr != "UI":
         raise InvalidQuery(name, "lists of values are only supported for UIDs")
     if len(value) > 1024:
@@ -290,7 +300,7 @@ def parse_qido(
         if existing is not None:
             if existing.value and uid not in existing.value.split("\\"):
                 # Contradicts the path: nothing can match, which is an honest answer.
-                query.warnings.append(f"{keyword(tag)} in the query contradicts the URL")
+                query.contradictory = True
             query.matches.remove(existing)
         query.matches.append(
             MatchKey((tag,), "UI", uid, level_of(tag, study_root=study_root), keyword(tag))

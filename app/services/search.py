@@ -99,6 +99,8 @@ class Searcher:
 
     async def run(self) -> SearchResult:
         q = self.query
+        if q.contradictory:
+            return SearchResult(warnings=self.warnings)
         want = None if q.limit is None else q.offset + q.limit + 1
         if any(k.tag in _DERIVABLE_STUDY for k in self._by_level[Level.STUDY]):
             # Those keys may only be judged after derivation: no early stop.

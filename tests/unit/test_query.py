@@ -58,7 +58,7 @@ def test_date_ranges(value: str, expected: str) -> None:
         ("QueryRetrieveLevel", "STUDY", "set by the gateway"),
         ("00091001", "x", "private"),
         ("StudyTime", "25", "StudyTime"),
-        ("SeriesNumber", "abc", "not a number"),
+        ("SeriesNumber", "abc", "not a valid IS number"),
         ("PatientName", "A\\B", "only supported for UIDs"),
     ],
 )
@@ -127,3 +127,38 @@ def test_patient_level_refuses_lower_keys() -> None:
 )
 def test_uid_grammar(uid: str, ok: bool) -> None:
     assert valid_uid(uid) is ok
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        # One value with a negative UTC offset, not a range to the year 500.
+        ("20240105103000-0500", "20240105103000-0500"),
+        ("20240105+0100-20240106+0100", "20240105+0100-20240106+0100"),
+        ("20240105-0500-20240106-0500", "20240105-0500-20240106-0500"),
+        ("2024-", "2024-"),
+    ],
+)
+def test_datetime_values_and_ranges_with_offsets(value: str, expected: str) -> None:
+    q = parse_qido(Level.IMAGE, [("AcquisitionDateTime", value)])
+    assert q.matches[0].value == expected
+
+
+def test_time_range_compares_at_each_ends_precision() -> None:
+    # "09" covers the whole hour, so 09:30 to 09 is a valid range.
+    assert parse_qido(Level.STUDY, [("StudyTime", "0930-09")]).matches[0].value == "0930-09"
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "1_000", "1e"])
+def test_numbers_follow_the_vr_grammar(value: str) -> None:
+    with pytest.raises(InvalidQuery):
+        parse_qido(Level.SERIES, [("SeriesNumber", value)])
+
+
+def test_query_uid_contradicting_the_url_matches_nothing() -> None:
+    q = parse_qido(Level.SERIES, [("StudyInstanceUID", "1.2.3")], path_uids={STUDY_UID: "1.2.4"})
+    assert q.contradictory
+    agreeing = parse_qido(
+        Level.SERIES, [("StudyInstanceUID", "1.2.4,1.2.5")], path_uids={STUDY_UID: "1.2.4"}
+    )
+    assert not agreeing.contradictory
