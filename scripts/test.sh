@@ -5,7 +5,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 # Real PACS peers and reference tools the integration tests start themselves.
-APT_PACKAGES=(orthanc orthanc-dicomweb dcmtk dcm2niix curl)
+APT_PACKAGES=(orthanc orthanc-dicomweb dcmtk dcm2niix curl docker-compose)
 missing=()
 for pkg in "${APT_PACKAGES[@]}"; do
     dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
