@@ -246,9 +246,8 @@ def _match_value(name: str, path: tuple[int, ...], raw: str) -> tuple[str, str]:
         value = "\\".join(uids)
     elif vr in RANGE_VRS and value:
         value = _check_range(name, vr, value)
-    elif vr in ("IS", "DS") and value:
-        if not (_IS if vr == "IS" else _DS).match(value):
-            raise InvalidQuery(name, f"{value[:40]!r} is not a valid {vr} number")
+    elif vr in ("IS", "DS") and value and not (_IS if vr == "IS" else _DS).match(value):
+        raise InvalidQuery(name, f"{value[:40]!r} is not a valid {vr} number")
     if "\\" in value and vr != "UI":
         raise InvalidQuery(name, "lists of values are only supported for UIDs")
     if len(value) > 1024:
