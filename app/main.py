@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -23,6 +24,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         gateway = Gateway(settings)
         await gateway.start()
         app.state.gateway = gateway
+        # Move start-up objects out of the collector's reach: a full collection
+        # otherwise walks them on every large answer (about 30 ms per 1000 matches).
+        gc.freeze()
         try:
             yield
         finally:
