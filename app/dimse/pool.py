@@ -252,15 +252,22 @@ class AssociationPool:
         loop = asyncio.get_running_loop()
         node = self.node
         started = time.monotonic()
-        assoc: Association = await loop.run_in_executor(
-            self._executor,
-            lambda: self._ae.associate(
-                node.host,
-                node.port,
-                ae_title=node.ae_title,
-                evt_handlers=[(evt.EVT_CONN_OPEN, set_tcp_nodelay)],
-            ),
-        )
+        try:
+            assoc: Association = await loop.run_in_executor(
+                self._executor,
+                lambda: self._ae.associate(
+                    node.host,
+                    node.port,
+                    ae_title=node.ae_title,
+                    evt_handlers=[(evt.EVT_CONN_OPEN, set_tcp_nodelay)],
+                ),
+            )
+        except OSError as exc:
+            # pynetdicom lets name resolution errors through (a PACS host that a
+            # container network forgot while the PACS restarts).
+            self._failed_opens += 1
+            self._last_error = f"cannot reach {node.host}:{node.port}: {exc}"
+            raise PacsUnavailable(node.name, self._last_error) from exc
         if assoc.is_established:
             self._opened += 1
             now = time.monotonic()

@@ -394,3 +394,15 @@ def test_silent_pacs_is_a_timeout(scp_factory: Any, executor: ThreadPoolExecutor
         await pool.close()
 
     asyncio.run(run())
+
+
+def test_unresolvable_host_is_unavailable(executor: ThreadPoolExecutor) -> None:
+    async def run() -> None:
+        pool = _pool(_node(104, host="pacs.invalid"), executor)
+        with pytest.raises(PacsUnavailable) as info:
+            await c_echo(pool)
+        assert "pacs.invalid" in info.value.message
+        assert pool.state().in_use == 0
+        await pool.close()
+
+    asyncio.run(run())
