@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import signal
 import sys
 from pathlib import Path
 
@@ -31,8 +32,16 @@ def _logging(level: str) -> None:
     logging.getLogger("pynetdicom").setLevel(logging.WARNING)
 
 
+def _exit_on_sigterm(signum: int, frame: object) -> None:
+    raise SystemExit(128 + signum)
+
+
 def _serve(settings: Settings) -> None:
     import uvicorn
+
+    # uvicorn shuts down on SIGTERM, then re-raises it under the handler found at
+    # start-up: with this one, callers' finally blocks (the demo PACS) still run.
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
 
     from app.main import create_app
 
