@@ -89,6 +89,9 @@ def _match(i: int) -> Dataset:
 
 def _answers(n: int, delay: float = 0.0) -> Handler:
     def handler(event: Any) -> Iterator[tuple[int, Dataset | None]]:
+        if event.identifier.QueryRetrieveLevel != "STUDY":
+            yield 0x0000, None  # this PACS holds studies without series
+            return
         for i in range(n):
             if delay:
                 time.sleep(delay)
@@ -406,3 +409,28 @@ def test_unresolvable_host_is_unavailable(executor: ThreadPoolExecutor) -> None:
         await pool.close()
 
     asyncio.run(run())
+
+
+def test_http_client_going_away_cancels_the_find(scp_factory: Any, tmp_path: Any) -> None:
+    """The gateway must not drain a PACS for an answer nobody will read."""
+    import httpx
+
+    from app.config import Settings
+    from tests.gateway_server import GatewayServer
+
+    scp = scp_factory(_answers(2000, delay=0.005))
+    settings = Settings(http_port=0, work_dir=tmp_path, nodes=[_node(scp.port, default=True)])
+    with GatewayServer(settings) as gw:
+        with pytest.raises(httpx.TimeoutException):
+            httpx.get(f"{gw.dicomweb}/studies", timeout=0.5)
+        deadline = time.monotonic() + 5
+        while scp.cancelled == 0 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert scp.cancelled == 1
+        # The association survived the cancel and serves the next search.
+        resp = httpx.get(f"{gw.dicomweb}/studies", params={"limit": "2"}, timeout=10)
+        assert resp.status_code == 200
+        assert len(resp.json()) == 2
+        pool = httpx.get(f"{gw.url}/pacs", timeout=5).json()[0]["pool"]
+        assert pool["in_use"] == 0
+        assert pool["discarded_total"] == 0, "a cancelled C-FIND leaves the association usable"
