@@ -32,7 +32,7 @@ echo "== installing the gateway and its test tools"
 .venv/bin/python -m pip install -q -e '.[test]'
 
 echo "== lint and types"
-.venv/bin/ruff check app tests bench
+.venv/bin/ruff check .
 .venv/bin/ruff format --check app
 .venv/bin/mypy app
 
