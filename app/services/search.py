@@ -146,7 +146,7 @@ class Searcher:
     async def _expand(self, rows: list[_Row], level: Level, want: int | None) -> list[_Row]:
         """Query *level* under each row; the answers become the new rows."""
         return_tags = self._return_tags(level)
-        keys = self._by_level[level]
+        keys = [self._sent(k) for k in self._by_level[level]]
 
         async def one(row: _Row) -> list[_Row]:
             parents = [_unique_match(lvl, uid) for lvl, uid in row.uids.items()]
@@ -189,6 +189,17 @@ class Searcher:
     def _budget_use(self, n: int) -> None:
         self._budget = max(1, self._budget - n)
 
+    def _sent(self, key: MatchKey) -> MatchKey:
+        """The key as the PACS sees it.
+
+        Few PACS negotiate fuzzy semantic matching (PS3.4 C.2.2.2.8), so with
+        ``fuzzymatching=true`` names go to the PACS as universal keys and the
+        gateway matches them itself (case- and accent-free, by name component).
+        """
+        if self.query.fuzzymatching and key.vr == "PN" and key.value:
+            return MatchKey(key.path, key.vr, "", key.level, key.parameter)
+        return key
+
     def _return_tags(self, level: Level) -> set[int]:
         q = self.query
         if level is q.level or level in q.context_levels:
@@ -209,7 +220,7 @@ class Searcher:
         ignores a key returns unfiltered answers) and a Warning says so.
         """
         for key in self._by_level[level]:
-            verdict = match_one(ds, key, fuzzy=False)
+            verdict = match_one(ds, key, fuzzy=self.query.fuzzymatching)
             if verdict is False:
                 return False
             if verdict is None and final and key.tag not in _DERIVABLE_STUDY:

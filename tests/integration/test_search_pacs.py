@@ -276,6 +276,16 @@ class TestSearchEveryPacs:
         assert len(seen) == len(set(seen))
         assert set(seen) == truth[pacs].studies()
 
+    def test_fuzzy_name_matching_by_the_gateway(
+        self, gateway: GatewayServer, truth: dict[str, Truth], pacs: str
+    ) -> None:
+        literal = search(gateway, pacs, "/studies", PatientName="muller")
+        assert literal.status_code == 204
+        fuzzy = search(gateway, pacs, "/studies", PatientName="muller", fuzzymatching="true")
+        assert uids(fuzzy, STUDY) == truth[pacs].studies(lambda ds: ds.PatientID == "DGW0002")
+        jap = search(gateway, pacs, "/studies", PatientName="やまだ", fuzzymatching="true")
+        assert uids(jap, STUDY) == truth[pacs].studies(lambda ds: ds.PatientID == "DGW0004")
+
     def test_no_match_is_204(self, gateway: GatewayServer, pacs: str) -> None:
         resp = search(gateway, pacs, "/studies", PatientID="NOBODY")
         assert resp.status_code == 204
