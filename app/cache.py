@@ -1,0 +1,261 @@
+"""The on-disk instance store: Part 10 files under ``work_dir``, indexed in sqlite.
+
+Files are written by the storage SCP into ``tmp/`` and renamed into place only
+when complete, then indexed with their size; a file whose size no longer matches
+its index entry is never served.  The index survives restarts; files without an
+entry (a crash between rename and index) are removed at start-up.  The store is
+bounded by ``max_bytes`` with least-recently-used eviction.
+
+Paths derive only from validated UIDs, never from anything a client or PACS
+sends as a name.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sqlite3
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from app.dicomweb.query import valid_uid
+
+log = logging.getLogger(__name__)
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS instances (
+    sop_uid TEXT PRIMARY KEY,
+    study_uid TEXT NOT NULL,
+    series_uid TEXT NOT NULL,
+    sop_class_uid TEXT NOT NULL,
+    transfer_syntax TEXT NOT NULL,
+    size INTEGER NOT NULL,
+    last_access REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS instances_series ON instances (series_uid);
+CREATE INDEX IF NOT EXISTS instances_study ON instances (study_uid);
+CREATE INDEX IF NOT EXISTS instances_access ON instances (last_access);
+CREATE TABLE IF NOT EXISTS series (
+    series_uid TEXT PRIMARY KEY,
+    study_uid TEXT NOT NULL,
+    -- Instances a complete retrieve delivered; NULL while unknown.
+    complete_count INTEGER,
+    updated REAL NOT NULL
+);
+"""
+
+
+@dataclass(frozen=True)
+class CachedInstance:
+    sop_uid: str
+    study_uid: str
+    series_uid: str
+    sop_class_uid: str
+    transfer_syntax: str
+    size: int
+    path: Path
+
+
+class InstanceCache:
+    """Thread-safe: the storage SCP's threads write, request handlers read."""
+
+    def __init__(self, root: Path, *, max_bytes: int) -> None:
+        self.root = root
+        self.max_bytes = max_bytes
+        self._files = root / "instances"
+        self._tmp = root / "tmp"
+        self._files.mkdir(parents=True, exist_ok=True)
+        self._tmp.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.Lock()
+        self._db = sqlite3.connect(root / "index.sqlite3", check_same_thread=False)
+        self._db.executescript(_SCHEMA)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=NORMAL")
+        self._bytes = self._total()
+        self._sweep()
+
+    # -- paths -------------------------------------------------------------
+
+    def path_for(self, study_uid: str, series_uid: str, sop_uid: str) -> Path:
+        for uid in (study_uid, series_uid, sop_uid):
+            if not valid_uid(uid):
+                raise ValueError(f"not a valid UID: {uid[:70]!r}")
+        return self._files / study_uid / series_uid / f"{sop_uid}.dcm"
+
+    def temp_path(self) -> Path:
+        return self._tmp / f"{uuid.uuid4().hex}.part"
+
+    # -- writing -----------------------------------------------------------
+
+    def commit(
+        self,
+        temp: Path,
+        *,
+        study_uid: str,
+        series_uid: str,
+        sop_uid: str,
+        sop_class_uid: str,
+        transfer_syntax: str,
+    ) -> CachedInstance:
+        """Move a completely written temp file into place and index it."""
+        final = self.path_for(study_uid, series_uid, sop_uid)
+        final.parent.mkdir(parents=True, exist_ok=True)
+        size = temp.stat().st_size
+        os.replace(temp, final)
+        now = time.time()
+        with self._lock:
+            old = self._db.execute(
+                "SELECT size FROM instances WHERE sop_uid = ?", (sop_uid,)
+            ).fetchone()
+            self._db.execute(
+                "INSERT OR REPLACE INTO instances VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (sop_uid, study_uid, series_uid, sop_class_uid, transfer_syntax, size, now),
+            )
+            self._db.commit()
+            self._bytes += size - (old[0] if old else 0)
+        if self._bytes > self.max_bytes:
+            self.evict()
+        return CachedInstance(
+            sop_uid, study_uid, series_uid, sop_class_uid, transfer_syntax, size, final
+        )
+
+    def mark_series_complete(self, study_uid: str, series_uid: str, count: int) -> None:
+        with self._lock:
+            self._db.execute(
+                "INSERT OR REPLACE INTO series VALUES (?, ?, ?, ?)",
+                (series_uid, study_uid, count, time.time()),
+            )
+            self._db.commit()
+
+    # -- reading -----------------------------------------------------------
+
+    def get(self, sop_uid: str) -> CachedInstance | None:
+        """The instance if it is cached and intact; touches its LRU time."""
+        with self._lock:
+            row = self._db.execute(
+                "SELECT sop_uid, study_uid, series_uid, sop_class_uid, transfer_syntax, size "
+                "FROM instances WHERE sop_uid = ?",
+                (sop_uid,),
+            ).fetchone()
+            if row is None:
+                return None
+            self._db.execute(
+                "UPDATE instances SET last_access = ? WHERE sop_uid = ?", (time.time(), sop_uid)
+            )
+        return self._checked(row)
+
+    def series(self, series_uid: str) -> list[CachedInstance] | None:
+        """All instances of a series known to be complete, or None.
+
+        Complete means a retrieve ended with every sub-operation delivered and
+        all of those instances are still here and intact.
+        """
+        with self._lock:
+            meta = self._db.execute(
+                "SELECT complete_count FROM series WHERE series_uid = ?", (series_uid,)
+            ).fetchone()
+            if meta is None or meta[0] is None:
+                return None
+            rows = self._db.execute(
+                "SELECT sop_uid, study_uid, series_uid, sop_class_uid, transfer_syntax, size "
+                "FROM instances WHERE series_uid = ?",
+                (series_uid,),
+            ).fetchall()
+            if len(rows) < meta[0]:
+                return None
+            self._db.execute(
+                "UPDATE instances SET last_access = ? WHERE series_uid = ?",
+                (time.time(), series_uid),
+            )
+        out = [self._checked(r) for r in rows]
+        if any(i is None for i in out):
+            return None
+        return [i for i in out if i is not None]
+
+    def study_series(self, study_uid: str) -> list[str]:
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT series_uid FROM series WHERE study_uid = ?", (study_uid,)
+            ).fetchall()
+        return [r[0] for r in rows]
+
+    def _checked(self, row: tuple[str, str, str, str, str, int]) -> CachedInstance | None:
+        sop, study, series, sop_class, ts, size = row
+        path = self.path_for(study, series, sop)
+        try:
+            actual = path.stat().st_size
+        except FileNotFoundError:
+            actual = -1
+        if actual != size:
+            log.warning("cached instance %s is missing or truncated; dropping it", sop)
+            self._forget(sop)
+            return None
+        return CachedInstance(sop, study, series, sop_class, ts, size, path)
+
+    # -- housekeeping ------------------------------------------------------
+
+    def _forget(self, sop_uid: str) -> None:
+        with self._lock:
+            row = self._db.execute(
+                "SELECT size, series_uid FROM instances WHERE sop_uid = ?", (sop_uid,)
+            ).fetchone()
+            if row is None:
+                return
+            self._db.execute("DELETE FROM instances WHERE sop_uid = ?", (sop_uid,))
+            # The series can no longer be served whole without a new retrieve.
+            self._db.execute(
+                "UPDATE series SET complete_count = NULL WHERE series_uid = ?", (row[1],)
+            )
+            self._db.commit()
+            self._bytes -= row[0]
+
+    def evict(self) -> int:
+        """Remove least recently used instances until under ``max_bytes``."""
+        removed = 0
+        while self._bytes > self.max_bytes:
+            with self._lock:
+                rows = self._db.execute(
+                    "SELECT sop_uid, study_uid, series_uid FROM instances "
+                    "ORDER BY last_access LIMIT 64"
+                ).fetchall()
+            if not rows:
+                break
+            for sop, study, series in rows:
+                self.path_for(study, series, sop).unlink(missing_ok=True)
+                self._forget(sop)
+                removed += 1
+                if self._bytes <= self.max_bytes:
+                    break
+        if removed:
+            log.info("cache evicted %d instances; %d bytes held", removed, self._bytes)
+        return removed
+
+    def _total(self) -> int:
+        with self._lock:
+            row = self._db.execute("SELECT COALESCE(SUM(size), 0) FROM instances").fetchone()
+        return int(row[0])
+
+    def _sweep(self) -> None:
+        """Drop half-written temp files and files the index does not know."""
+        for leftover in self._tmp.iterdir():
+            leftover.unlink(missing_ok=True)
+        with self._lock:
+            known = {r[0] for r in self._db.execute("SELECT sop_uid FROM instances")}
+        for path in self._all_files():
+            if path.stem not in known:
+                path.unlink(missing_ok=True)
+
+    def _all_files(self) -> Iterator[Path]:
+        yield from self._files.glob("*/*/*.dcm")
+
+    @property
+    def size_bytes(self) -> int:
+        return self._bytes
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()

@@ -1,0 +1,93 @@
+"""The on-disk instance cache: atomic commits, integrity, LRU bound, restarts."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+
+from app.cache import InstanceCache
+
+STUDY, SERIES = "1.2.3", "1.2.3.4"
+
+
+def _put(cache: InstanceCache, sop: str, size: int, series: str = SERIES) -> None:
+    temp = cache.temp_path()
+    temp.write_bytes(b"x" * size)
+    cache.commit(
+        temp,
+        study_uid=STUDY,
+        series_uid=series,
+        sop_uid=sop,
+        sop_class_uid="1.2.840.10008.5.1.4.1.1.2",
+        transfer_syntax="1.2.840.10008.1.2.1",
+    )
+
+
+def test_commit_then_get(tmp_path: Path) -> None:
+    cache = InstanceCache(tmp_path, max_bytes=10_000)
+    _put(cache, "1.2.3.4.1", 100)
+    got = cache.get("1.2.3.4.1")
+    assert got is not None and got.size == 100 and got.path.read_bytes() == b"x" * 100
+    assert not list((tmp_path / "tmp").iterdir()), "temp file renamed into place"
+    assert cache.get("1.2.3.4.2") is None
+
+
+def test_truncated_file_is_never_served(tmp_path: Path) -> None:
+    cache = InstanceCache(tmp_path, max_bytes=10_000)
+    _put(cache, "1.2.3.4.1", 100)
+    _put(cache, "1.2.3.4.2", 100)
+    cache.mark_series_complete(STUDY, SERIES, 2)
+    assert cache.series(SERIES) is not None
+    path = cache.path_for(STUDY, SERIES, "1.2.3.4.1")
+    path.write_bytes(b"x" * 10)
+    assert cache.get("1.2.3.4.1") is None
+    assert cache.series(SERIES) is None, "a series with a broken file is not complete"
+
+
+def test_series_complete_needs_every_instance(tmp_path: Path) -> None:
+    cache = InstanceCache(tmp_path, max_bytes=10_000)
+    _put(cache, "1.2.3.4.1", 10)
+    assert cache.series(SERIES) is None, "unknown count: not complete"
+    cache.mark_series_complete(STUDY, SERIES, 2)
+    assert cache.series(SERIES) is None, "one of two"
+    _put(cache, "1.2.3.4.2", 10)
+    assert [i.sop_uid for i in cache.series(SERIES) or []] == ["1.2.3.4.1", "1.2.3.4.2"]
+
+
+def test_least_recently_used_go_first(tmp_path: Path) -> None:
+    cache = InstanceCache(tmp_path, max_bytes=250)
+    _put(cache, "1.2.3.4.1", 100)
+    time.sleep(0.01)
+    _put(cache, "1.2.3.4.2", 100)
+    time.sleep(0.01)
+    assert cache.get("1.2.3.4.1") is not None  # now the most recent
+    time.sleep(0.01)
+    _put(cache, "1.2.3.4.3", 100)
+    assert cache.size_bytes <= 250
+    assert cache.get("1.2.3.4.2") is None
+    assert cache.get("1.2.3.4.1") is not None
+    assert not cache.path_for(STUDY, SERIES, "1.2.3.4.2").exists()
+
+
+def test_survives_restart_and_sweeps_leftovers(tmp_path: Path) -> None:
+    cache = InstanceCache(tmp_path, max_bytes=10_000)
+    _put(cache, "1.2.3.4.1", 100)
+    cache.mark_series_complete(STUDY, SERIES, 1)
+    stray = cache.path_for(STUDY, SERIES, "1.2.3.4.9")
+    stray.write_bytes(b"half")
+    half_written = cache.temp_path()
+    half_written.write_bytes(b"half")
+    cache.close()
+    again = InstanceCache(tmp_path, max_bytes=10_000)
+    assert again.series(SERIES) is not None
+    assert again.size_bytes == 100
+    assert not stray.exists() and not half_written.exists()
+
+
+@pytest.mark.parametrize("bad", ["../../etc", "1.2.3/../../x", "", "1.2.a"])
+def test_paths_only_from_valid_uids(tmp_path: Path, bad: str) -> None:
+    cache = InstanceCache(tmp_path, max_bytes=10_000)
+    with pytest.raises(ValueError):
+        cache.path_for(STUDY, SERIES, bad)
