@@ -103,6 +103,10 @@ class Settings(BaseSettings):
     http_port: int = Field(default=8000, ge=0, le=65535)
     work_dir: Path = Path("/var/lib/dimse-gateway")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    # The instance cache under work_dir; least recently used instances go first.
+    cache_max_bytes: int = Field(default=20 * 1024**3, ge=0)
+    # Announced to PACS that send us instances: larger PDUs mean fewer round trips.
+    storage_max_pdu: int = Field(default=1024 * 1024, ge=16384)
     nodes: list[PacsNode] = Field(default_factory=list)
 
     @field_validator("ae_title")

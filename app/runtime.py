@@ -6,15 +6,21 @@ hangs it on ``app.state``, so every test can build its own.
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import socket
 from concurrent.futures import ThreadPoolExecutor
 
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
+from app.cache import InstanceCache
 from app.config import PacsNode, Settings
 from app.dimse.find import VERIFICATION, QueryModel
+from app.dimse.move import MoveModel
 from app.dimse.pool import AssociationPool
+from app.dimse.storescp import StorageSCP
 from app.errors import UnknownNode
+from app.services.retrieve import Retriever
 
 log = logging.getLogger(__name__)
 
@@ -25,6 +31,8 @@ QUERY_CONTEXTS = (
     (VERIFICATION, _QR_SYNTAXES),
     (QueryModel.STUDY_ROOT.value, _QR_SYNTAXES),
     (QueryModel.PATIENT_ROOT.value, _QR_SYNTAXES),
+    (MoveModel.STUDY_ROOT.value, _QR_SYNTAXES),
+    (MoveModel.PATIENT_ROOT.value, _QR_SYNTAXES),
 )
 
 
@@ -44,10 +52,31 @@ class Gateway:
             )
             for node in settings.nodes
         }
+        self.cache = InstanceCache(settings.work_dir / "cache", max_bytes=settings.cache_max_bytes)
+        self.retriever = Retriever(
+            ae_title=settings.ae_title,
+            cache=self.cache,
+            nodes={n.name: n for n in settings.nodes},
+            pools=self.pools,
+        )
+        self._senders = _sender_addresses(settings.nodes)
+        self.storage = StorageSCP(
+            settings.ae_title,
+            host=settings.storage_host,
+            port=settings.storage_port,
+            sink=self.retriever,
+            allow=self._may_send,
+            max_pdu=settings.storage_max_pdu,
+        )
+
+    def _may_send(self, calling_ae: str, address: str) -> bool:
+        """Only configured PACS may store to us, each from its own address."""
+        return address in self._senders.get(calling_ae, set())
 
     async def start(self) -> None:
         for pool in self.pools.values():
             pool.start()
+        self.storage.start()
         log.info(
             "gateway %s ready with nodes: %s",
             self.settings.ae_title,
@@ -56,8 +85,11 @@ class Gateway:
         )
 
     async def close(self) -> None:
+        await self.retriever.shutdown()
+        await asyncio.to_thread(self.storage.stop)
         for pool in self.pools.values():
             await pool.close()
+        self.cache.close()
         self.executor.shutdown(wait=True, cancel_futures=False)
 
     def node(self, name: str | None) -> PacsNode:
@@ -74,3 +106,21 @@ class Gateway:
 
     def pool(self, node: PacsNode) -> AssociationPool:
         return self.pools[node.name]
+
+
+def _sender_addresses(nodes: list[PacsNode]) -> dict[str, set[str]]:
+    """AE title -> the IP addresses its node's host resolves to."""
+    out: dict[str, set[str]] = {}
+    for node in nodes:
+        addresses = out.setdefault(node.ae_title, set())
+        try:
+            infos = socket.getaddrinfo(node.host, None, proto=socket.IPPROTO_TCP)
+        except OSError:
+            log.warning("cannot resolve %s for node %s", node.host, node.name)
+            continue
+        for info in infos:
+            addresses.add(str(info[4][0]))
+        if addresses & {"127.0.0.1", "::1"}:
+            # A PACS on this machine may connect from any loopback address.
+            addresses |= {"127.0.0.1", "::1", "::ffff:127.0.0.1"}
+    return out

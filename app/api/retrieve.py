@@ -1,0 +1,348 @@
+"""WADO-RS resources (PS3.18 §10.4): instances, metadata, frames and bulk data."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+from fastapi import APIRouter, Request, Response
+from fastapi.responses import StreamingResponse
+
+from app.api.deps import GatewayDep, NodeDep
+from app.cache import CachedInstance
+from app.config import PacsNode
+from app.dicomweb import instances as dicom_files
+from app.dicomweb import multipart
+from app.dicomweb.accept import Negotiated, ResourceKind, negotiate
+from app.dicomweb.json import dumps
+from app.dicomweb.query import check_uid
+from app.errors import InvalidRequest, NotFound
+from app.runtime import Gateway
+from app.services.retrieve import Delivery
+from app.services.studies import series_of_study
+
+log = logging.getLogger(__name__)
+
+router = APIRouter(tags=["WADO-RS retrieve"])
+
+DICOM_JSON = "application/dicom+json"
+SERVICE = "dimse-gateway"
+
+
+def _negotiate(request: Request, kind: ResourceKind, *, single: bool = False) -> Negotiated:
+    accept = request.headers.get("accept")
+    return negotiate(kind, accept, request.query_params.getlist("accept"), single=single)
+
+
+def _base(request: Request) -> str:
+    path = request.url.path
+    marker = "/dicomweb"
+    return str(request.base_url).rstrip("/") + path[: path.index(marker) + len(marker)]
+
+
+def _instance_url(base: str, inst: CachedInstance) -> str:
+    return f"{base}/studies/{inst.study_uid}/series/{inst.series_uid}/instances/{inst.sop_uid}"
+
+
+async def _part_body(inst: CachedInstance, negotiated: Negotiated) -> tuple[bytes | Path, str]:
+    """The bytes of one part and the transfer syntax they are in.
+
+    ``transfer-syntax=*`` and a request for the stored syntax send the file as
+    it arrived; anything else is converted off the event loop.
+    """
+    ts = negotiated.transfer_syntax
+    if ts is None or ts == "*" or ts == inst.transfer_syntax:
+        return inst.path, inst.transfer_syntax
+    body = await asyncio.to_thread(dicom_files.transcode, inst.path, ts)
+    return body, ts
+
+
+def _read(path: Path) -> bytes:
+    # Page-cache reads of a few hundred KB cost less than a thread hop (PEERS.md).
+    with open(path, "rb") as f:
+        return f.read()
+
+
+async def _multipart_instances(
+    request: Request,
+    gateway: Gateway,
+    node: PacsNode,
+    delivery: Delivery,
+    negotiated: Negotiated,
+) -> Response:
+    warning = await delivery.prepare()
+    boundary = multipart.new_boundary()
+    base = _base(request)
+
+    async def body() -> AsyncIterator[bytes]:
+        sent = 0
+        async for inst in delivery:
+            data, ts = await _part_body(inst, negotiated)
+            payload = _read(data) if isinstance(data, Path) else data
+            yield multipart.part_header(
+                boundary,
+                f"application/dicom; transfer-syntax={ts}",
+                _instance_url(base, inst),
+                len(payload),
+            )
+            yield payload
+            yield multipart.part_trailer()
+            sent += 1
+            # A warm stream would otherwise never yield the loop (PEERS.md).
+            await asyncio.sleep(0)
+        if delivery.complete:
+            yield multipart.closing(boundary)
+        else:
+            # No closing delimiter: a client can tell the body is not complete.
+            log.error(
+                "retrieve of study %s from %s ended incomplete after %d instances: %s",
+                delivery.study,
+                node.name,
+                sent,
+                "; ".join(delivery.problems),
+            )
+
+    headers = {}
+    if warning:
+        headers["Warning"] = f"299 {SERVICE}: {warning}"
+    return StreamingResponse(
+        body(),
+        status_code=206 if warning else 200,
+        media_type=multipart.content_type(boundary, "application/dicom"),
+        headers=headers,
+    )
+
+
+@router.get("/studies/{study}", summary="Retrieve a study's instances")
+async def retrieve_study(
+    study: str, request: Request, gateway: GatewayDep, node: NodeDep
+) -> Response:
+    check_uid("study", study)
+    negotiated = _negotiate(request, ResourceKind.INSTANCES)
+    series = await series_of_study(gateway, node, study)
+    if not series:
+        raise NotFound(f"study {study} was not found on {node.name!r}")
+    delivery = Delivery(gateway.retriever, node, study, series)
+    return await _multipart_instances(request, gateway, node, delivery, negotiated)
+
+
+@router.get("/studies/{study}/series/{series}", summary="Retrieve a series' instances")
+async def retrieve_series(
+    study: str, series: str, request: Request, gateway: GatewayDep, node: NodeDep
+) -> Response:
+    check_uid("study", study)
+    check_uid("series", series)
+    negotiated = _negotiate(request, ResourceKind.INSTANCES)
+    delivery = Delivery(gateway.retriever, node, study, [series])
+    return await _multipart_instances(request, gateway, node, delivery, negotiated)
+
+
+@router.get(
+    "/studies/{study}/series/{series}/instances/{instance}", summary="Retrieve one instance"
+)
+async def retrieve_instance(
+    study: str, series: str, instance: str, request: Request, gateway: GatewayDep, node: NodeDep
+) -> Response:
+    for name, uid in (("study", study), ("series", series), ("instance", instance)):
+        check_uid(name, uid)
+    negotiated = _negotiate(request, ResourceKind.INSTANCES, single=True)
+    inst = await gateway.retriever.instance(node, study, series, instance)
+    data, ts = await _part_body(inst, negotiated)
+    payload = _read(data) if isinstance(data, Path) else data
+    if not negotiated.multipart:
+        return Response(payload, media_type=f"application/dicom; transfer-syntax={ts}")
+    boundary = multipart.new_boundary()
+    body = b"".join(
+        [
+            multipart.part_header(
+                boundary,
+                f"application/dicom; transfer-syntax={ts}",
+                _instance_url(_base(request), inst),
+                len(payload),
+            ),
+            payload,
+            multipart.part_trailer(),
+            multipart.closing(boundary),
+        ]
+    )
+    return Response(body, media_type=multipart.content_type(boundary, "application/dicom"))
+
+
+# -- metadata ----------------------------------------------------------------
+
+
+async def _metadata(request: Request, instances: list[CachedInstance]) -> Response:
+    base = _base(request)
+
+    def one(inst: CachedInstance) -> dict[str, Any]:
+        url = _instance_url(base, inst)
+
+        def bulk_uri(path: tuple[int, ...]) -> str:
+            return f"{url}/bulkdata/" + "/".join(
+                f"{p:08X}" if i % 2 == 0 else str(p) for i, p in enumerate(path)
+            )
+
+        return dicom_files.metadata(inst.path, bulk_uri)
+
+    objs = await asyncio.gather(*(asyncio.to_thread(one, inst) for inst in instances))
+    return Response(dumps(list(objs)), media_type=DICOM_JSON)
+
+
+async def _all_of(delivery: Delivery) -> list[CachedInstance]:
+    await delivery.prepare()
+    out = [inst async for inst in delivery]
+    if not delivery.complete:
+        raise NotFound("; ".join(delivery.problems) or "the retrieve did not complete")
+    return out
+
+
+@router.get("/studies/{study}/metadata", summary="Metadata of a study's instances")
+async def study_metadata(
+    study: str, request: Request, gateway: GatewayDep, node: NodeDep
+) -> Response:
+    check_uid("study", study)
+    _negotiate(request, ResourceKind.METADATA)
+    series = await series_of_study(gateway, node, study)
+    if not series:
+        raise NotFound(f"study {study} was not found on {node.name!r}")
+    instances = await _all_of(Delivery(gateway.retriever, node, study, series))
+    return await _metadata(request, instances)
+
+
+@router.get("/studies/{study}/series/{series}/metadata", summary="Metadata of a series")
+async def series_metadata(
+    study: str, series: str, request: Request, gateway: GatewayDep, node: NodeDep
+) -> Response:
+    check_uid("study", study)
+    check_uid("series", series)
+    _negotiate(request, ResourceKind.METADATA)
+    instances = await _all_of(Delivery(gateway.retriever, node, study, [series]))
+    return await _metadata(request, instances)
+
+
+@router.get(
+    "/studies/{study}/series/{series}/instances/{instance}/metadata",
+    summary="Metadata of one instance",
+)
+async def instance_metadata(
+    study: str, series: str, instance: str, request: Request, gateway: GatewayDep, node: NodeDep
+) -> Response:
+    for name, uid in (("study", study), ("series", series), ("instance", instance)):
+        check_uid(name, uid)
+    _negotiate(request, ResourceKind.METADATA)
+    inst = await gateway.retriever.instance(node, study, series, instance)
+    return await _metadata(request, [inst])
+
+
+# -- frames and bulk data -----------------------------------------------------
+
+
+def _frame_numbers(text: str) -> list[int]:
+    try:
+        numbers = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise InvalidRequest(
+            f"frames must be a comma-separated list of numbers, got {text[:40]!r}"
+        ) from None
+    if not numbers or any(n < 1 for n in numbers):
+        raise InvalidRequest("frame numbers start at 1")
+    if len(numbers) > 10000:
+        raise InvalidRequest("too many frames in one request")
+    return numbers
+
+
+def _octet_response(
+    parts: list[bytes], locations: list[str], ts: str | None, negotiated: Negotiated
+) -> Response:
+    part_type = "application/octet-stream"
+    if ts:
+        part_type += f"; transfer-syntax={ts}"
+    if not negotiated.multipart and len(parts) == 1:
+        return Response(parts[0], media_type=part_type)
+    boundary = multipart.new_boundary()
+    chunks: list[bytes] = []
+    for data, location in zip(parts, locations, strict=True):
+        chunks += [
+            multipart.part_header(boundary, part_type, location, len(data)),
+            data,
+            multipart.part_trailer(),
+        ]
+    chunks.append(multipart.closing(boundary))
+    return Response(
+        b"".join(chunks), media_type=multipart.content_type(boundary, "application/octet-stream")
+    )
+
+
+@router.get(
+    "/studies/{study}/series/{series}/instances/{instance}/frames/{frames}",
+    summary="Retrieve frames of an instance",
+)
+async def retrieve_frames(
+    study: str,
+    series: str,
+    instance: str,
+    frames: str,
+    request: Request,
+    gateway: GatewayDep,
+    node: NodeDep,
+) -> Response:
+    for name, uid in (("study", study), ("series", series), ("instance", instance)):
+        check_uid(name, uid)
+    numbers = _frame_numbers(frames)
+    negotiated = _negotiate(request, ResourceKind.FRAMES, single=len(numbers) == 1)
+    inst = await gateway.retriever.instance(node, study, series, instance)
+
+    def cut() -> tuple[list[bytes], str]:
+        info = dicom_files.pixel_data_info(inst.path)
+        data = dicom_files.frames(inst.path, numbers, negotiated.transfer_syntax)
+        # Never "*" in a part header: cornerstone reads the syntax from it.
+        return data, info.delivered_syntax(negotiated.transfer_syntax)
+
+    data, ts = await asyncio.to_thread(cut)
+    url = _instance_url(_base(request), inst)
+    return _octet_response(data, [f"{url}/frames/{n}" for n in numbers], ts, negotiated)
+
+
+@router.get(
+    "/studies/{study}/series/{series}/instances/{instance}/bulkdata/{tag_path:path}",
+    summary="Retrieve a bulk data value of an instance",
+)
+async def retrieve_bulkdata(
+    study: str,
+    series: str,
+    instance: str,
+    tag_path: str,
+    request: Request,
+    gateway: GatewayDep,
+    node: NodeDep,
+) -> Response:
+    for name, uid in (("study", study), ("series", series), ("instance", instance)):
+        check_uid(name, uid)
+    path = _parse_tag_path(tag_path)
+    negotiated = _negotiate(request, ResourceKind.BULKDATA, single=True)
+    inst = await gateway.retriever.instance(node, study, series, instance)
+    data = await asyncio.to_thread(dicom_files.bulkdata, inst.path, path)
+    # Pixel data comes back uncompressed (Explicit VR Little Endian) from bulkdata.
+    ts = "1.2.840.10008.1.2.1" if path == (0x7FE00010,) else None
+    return _octet_response([data], [str(request.url)], ts, negotiated)
+
+
+def _parse_tag_path(text: str) -> tuple[int, ...]:
+    parts = [p for p in text.split("/") if p]
+    out: list[int] = []
+    try:
+        for i, part in enumerate(parts):
+            if i % 2 == 0:
+                if len(part) != 8:
+                    raise ValueError(part)
+                out.append(int(part, 16))
+            else:
+                out.append(int(part))
+    except ValueError:
+        raise InvalidRequest(f"{text[:80]!r} is not a bulk data path") from None
+    if not out or len(out) % 2 == 0:
+        raise InvalidRequest(f"{text[:80]!r} is not a bulk data path")
+    return tuple(out)

@@ -1,0 +1,191 @@
+"""C-MOVE over the association pool (PS3.4 C.4.2, PS3.7 9.1.4).
+
+The instances themselves arrive on other associations, opened by the PACS to
+our storage SCP; this module only drives the request and reports the
+sub-operation counts.  The caller chooses the Message ID: it must be unique among
+the gateway's outstanding moves, because the PACS echoes it in each C-STORE as
+Move Originator Message ID and that is how arrivals find their retrieve.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from enum import StrEnum
+
+from pydicom.dataset import Dataset
+
+from app.dimse import status as st
+from app.dimse.pool import AssociationPool, Lease
+from app.errors import AssociationAborted, DimseTimeout, PacsFailureStatus
+
+log = logging.getLogger(__name__)
+
+
+class MoveModel(StrEnum):
+    """Q/R MOVE SOP classes (PS3.4 C.6)."""
+
+    PATIENT_ROOT = "1.2.840.10008.5.1.4.1.2.1.2"
+    STUDY_ROOT = "1.2.840.10008.5.1.4.1.2.2.2"
+
+
+@dataclass
+class MoveProgress:
+    """Sub-operation counts (PS3.7 9.1.4.1.8-11); None where the PACS did not say."""
+
+    remaining: int | None = None
+    completed: int = 0
+    failed: int = 0
+    warning: int = 0
+
+
+@dataclass
+class MoveResult:
+    status: int
+    progress: MoveProgress
+    failed_sop_uids: list[str] = field(default_factory=list)
+    comment: str | None = None
+    elapsed: float = 0.0
+
+    @property
+    def category(self) -> st.Category:
+        return st.category(self.status)
+
+
+def _counts(rsp: Dataset, into: MoveProgress) -> None:
+    for keyword, attr in (
+        ("NumberOfRemainingSuboperations", "remaining"),
+        ("NumberOfCompletedSuboperations", "completed"),
+        ("NumberOfFailedSuboperations", "failed"),
+        ("NumberOfWarningSuboperations", "warning"),
+    ):
+        value = rsp.get(keyword)
+        if value is not None:
+            setattr(into, attr, int(value))
+
+
+async def c_move(
+    pool: AssociationPool,
+    identifier: Dataset,
+    model: MoveModel,
+    *,
+    destination: str,
+    msg_id: int,
+    on_progress: Callable[[MoveProgress], None] | None = None,
+    cancel: threading.Event | None = None,
+) -> MoveResult:
+    """Ask the PACS to send the matching instances to *destination*.
+
+    A failure status is returned, not raised: the caller compares what arrived
+    with the counts.  Setting *cancel* (or cancelling the awaiting task) sends
+    C-CANCEL; the result then carries FE00.
+    """
+    cancel = cancel or threading.Event()
+    async with pool.lease() as lease:
+        try:
+            return await pool.run(
+                lease,
+                functools.partial(
+                    _move_blocking,
+                    pool=pool,
+                    identifier=identifier,
+                    model=model,
+                    destination=destination,
+                    msg_id=msg_id,
+                    on_progress=on_progress,
+                    cancel=cancel,
+                ),
+            )
+        except asyncio.CancelledError:
+            cancel.set()
+            raise
+
+
+def _move_blocking(
+    lease: Lease,
+    *,
+    pool: AssociationPool,
+    identifier: Dataset,
+    model: MoveModel,
+    destination: str,
+    msg_id: int,
+    on_progress: Callable[[MoveProgress], None] | None,
+    cancel: threading.Event,
+) -> MoveResult:
+    node = pool.node
+    progress = MoveProgress()
+    started = last = time.monotonic()
+    cancel_sent = False
+    final: Dataset | None = None
+    failed_uids: list[str] = []
+    try:
+        for rsp, ident in lease.assoc.send_c_move(
+            identifier, destination, str(model), msg_id=msg_id
+        ):
+            now = time.monotonic()
+            if not rsp or "Status" not in rsp:
+                lease.reusable = False
+                if now - last >= node.dimse_timeout * 0.9:
+                    raise DimseTimeout(
+                        node.name, f"C-MOVE: no answer within {node.dimse_timeout:g} s"
+                    )
+                raise AssociationAborted(node.name, "C-MOVE: association aborted or lost")
+            last = now
+            code = int(rsp.Status)
+            if code not in st.PENDING:
+                # Counts are optional in the final response (PS3.7 9.1.4.1.8): a
+                # "remaining" left over from the last pending one must not survive.
+                progress.remaining = None
+            _counts(rsp, progress)
+            if code in st.PENDING:
+                if on_progress is not None:
+                    on_progress(progress)
+                if cancel.is_set() and not cancel_sent:
+                    lease.assoc.send_c_cancel(msg_id, query_model=str(model))
+                    cancel_sent = True
+                continue
+            final = rsp
+            if ident is not None and "FailedSOPInstanceUIDList" in ident:
+                value = ident.FailedSOPInstanceUIDList
+                failed_uids = [str(v) for v in (value if isinstance(value, list) else [value])]
+            break
+    except RuntimeError as exc:
+        lease.reusable = False
+        raise AssociationAborted(node.name, f"association lost: {exc}") from exc
+    if final is None:
+        lease.reusable = False
+        raise AssociationAborted(node.name, "C-MOVE ended without a final response")
+    code = int(final.Status)
+    comment = final.get("ErrorComment")
+    result = MoveResult(
+        status=code,
+        progress=progress,
+        failed_sop_uids=failed_uids,
+        comment=str(comment) if comment else None,
+        elapsed=time.monotonic() - started,
+    )
+    if on_progress is not None:
+        on_progress(progress)
+    log.info(
+        "C-MOVE %s level=%s -> %s status=0x%04X completed=%d failed=%d warning=%d elapsed=%.0fms",
+        node.name,
+        identifier.get("QueryRetrieveLevel", "?"),
+        destination,
+        code,
+        progress.completed,
+        progress.failed,
+        progress.warning,
+        result.elapsed * 1000,
+    )
+    return result
+
+
+def raise_for_refusal(node: str, result: MoveResult) -> None:
+    """Raise for a move that delivered nothing because the PACS refused it."""
+    if result.category is st.Category.FAILURE and result.progress.completed == 0:
+        raise PacsFailureStatus(node, "C-MOVE", result.status, result.comment)

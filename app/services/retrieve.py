@@ -1,0 +1,457 @@
+"""WADO-RS retrieves carried out as C-MOVEs to the gateway's own storage SCP.
+
+A ``Fetch`` is one C-MOVE in flight and what it has delivered so far.  Every
+HTTP request that needs the same series shares it (single flight): a viewer
+asking for 60 frames of one series at once causes one C-MOVE, not 60.  Arrivals
+are routed by the Move Originator Message ID, which the gateway keeps unique
+among its outstanding moves, and checked against the fetch's study and series
+before they are kept, so concurrent retrieves never receive each other's
+instances.  Completed series are remembered by the cache and served without a
+move next time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import io
+import itertools
+import logging
+import threading
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import BinaryIO
+
+from pydicom import dcmread
+from pydicom.dataset import Dataset
+
+from app.cache import CachedInstance, InstanceCache
+from app.config import PacsNode
+from app.dicomweb.attributes import Level
+from app.dimse import status as st
+from app.dimse.move import MoveModel, MoveResult, c_move, raise_for_refusal
+from app.dimse.pool import AssociationPool
+from app.dimse.storescp import IncomingInstance
+from app.errors import GatewayError, NotFound, PacsError
+
+log = logging.getLogger(__name__)
+
+# An instance nobody asked for: "Refused: not authorized" (PS3.7 C.5.4) says the
+# sender may not do this, where C000 would send an operator looking for a corrupt
+# file.  One that contradicts its retrieve's study or series is a processing
+# failure; a write that failed is out of resources (PS3.4 B.2.3).
+STATUS_NOT_EXPECTED = 0x0124
+STATUS_MISMATCH = 0xC002
+STATUS_WRITE_FAILED = 0xA700
+
+
+@dataclass(frozen=True)
+class Target:
+    """What a retrieve asks for: a study, a series or one instance."""
+
+    node: str
+    study: str
+    series: str | None = None
+    instance: str | None = None
+
+    @property
+    def level(self) -> Level:
+        if self.instance:
+            return Level.IMAGE
+        return Level.SERIES if self.series else Level.STUDY
+
+    def covers(self, study: str, series: str, sop: str) -> bool:
+        return (
+            study == self.study
+            and (self.series is None or series == self.series)
+            and (self.instance is None or sop == self.instance)
+        )
+
+
+@dataclass(eq=False)
+class Fetch:
+    """One C-MOVE and the instances it delivered, in arrival order."""
+
+    target: Target
+    msg_id: int
+    calling_ae: str
+    loop: asyncio.AbstractEventLoop
+    arrived: list[CachedInstance] = field(default_factory=list)
+    result: MoveResult | None = None
+    error: GatewayError | None = None
+    done: bool = False
+    _changed: asyncio.Event = field(default_factory=asyncio.Event)
+    task: asyncio.Task[None] | None = None
+    cancel: threading.Event = field(default_factory=threading.Event)
+    subscribers: int = 0
+
+    def arrive(self, instance: CachedInstance) -> None:
+        """Called on the loop thread for each stored instance."""
+        self.arrived.append(instance)
+        self._notify()
+
+    def finish(self, result: MoveResult | None, error: GatewayError | None) -> None:
+        self.result, self.error, self.done = result, error, True
+        self._notify()
+
+    def _notify(self) -> None:
+        self._changed.set()
+        self._changed = asyncio.Event()
+
+    async def changed(self) -> None:
+        await self._changed.wait()
+
+    async def instances(self) -> AsyncIterator[CachedInstance]:
+        """Every arrival, as soon as it is stored, until the move has ended."""
+        index = 0
+        while True:
+            while index < len(self.arrived):
+                yield self.arrived[index]
+                index += 1
+            if self.done:
+                return
+            await self.changed()
+
+    @property
+    def missing(self) -> int:
+        """Sub-operations that did not deliver, as far as the PACS reported."""
+        if self.result is None:
+            return 0
+        p = self.result.progress
+        return p.failed + (p.remaining or 0)
+
+
+class Retriever:
+    """Fetches, the cache, and the storage SCP's view of both."""
+
+    def __init__(
+        self,
+        *,
+        ae_title: str,
+        cache: InstanceCache,
+        nodes: dict[str, PacsNode],
+        pools: dict[str, AssociationPool],
+    ) -> None:
+        self.ae_title = ae_title
+        self.cache = cache
+        self.nodes = nodes
+        self.pools = pools
+        self._fetches: dict[Target, Fetch] = {}
+        self._by_msg: dict[int, Fetch] = {}
+        self._lock = threading.Lock()
+        self._ids = itertools.count(1)
+        self.moves_started = 0
+
+    # -- what HTTP handlers call -------------------------------------------
+
+    def active(self, target: Target) -> Fetch | None:
+        return self._fetches.get(target)
+
+    def fetch(self, node: PacsNode, target: Target) -> Fetch:
+        """The running fetch for *target*, or a new one (single flight)."""
+        existing = self._fetches.get(target)
+        if existing is not None:
+            return existing
+        loop = asyncio.get_running_loop()
+        fetch = Fetch(target, self._allocate_id(), node.ae_title, loop)
+        self._fetches[target] = fetch
+        with self._lock:
+            self._by_msg[fetch.msg_id] = fetch
+        self.moves_started += 1
+        fetch.task = loop.create_task(self._run(node, fetch), name=f"move-{fetch.msg_id}")
+        return fetch
+
+    async def series_instances(
+        self, node: PacsNode, study: str, series: str
+    ) -> list[CachedInstance] | Fetch:
+        """A complete cached series, or the fetch that brings it."""
+        cached = await asyncio.to_thread(self.cache.series, series)
+        if cached is not None:
+            return cached
+        return self.fetch(node, Target(node.name, study, series))
+
+    async def instance(self, node: PacsNode, study: str, series: str, sop: str) -> CachedInstance:
+        """One instance: from the cache, from a running fetch of its series or study,
+        or by an IMAGE-level move of its own."""
+        cached = await asyncio.to_thread(self.cache.get, sop)
+        if cached is not None and cached.series_uid == series and cached.study_uid == study:
+            return cached
+        for target in (
+            Target(node.name, study, series),
+            Target(node.name, study),
+            Target(node.name, study, series, sop),
+        ):
+            fetch = self._fetches.get(target)
+            if fetch is not None:
+                found = await self._wait_for(fetch, sop)
+                if found is not None:
+                    return found
+        fetch = self.fetch(node, Target(node.name, study, series, sop))
+        found = await self._wait_for(fetch, sop)
+        if found is None:
+            if fetch.error is not None:
+                raise fetch.error
+            raise NotFound(f"instance {sop} was not found in series {series} on {node.name!r}")
+        return found
+
+    async def _wait_for(self, fetch: Fetch, sop: str) -> CachedInstance | None:
+        async for inst in fetch.instances():
+            if inst.sop_uid == sop:
+                return inst
+        return None
+
+    # -- the move ----------------------------------------------------------
+
+    def _allocate_id(self) -> int:
+        with self._lock:
+            while True:
+                candidate = next(self._ids) % 0xFFFF + 1
+                if candidate not in self._by_msg:
+                    return candidate
+
+    async def _run(self, node: PacsNode, fetch: Fetch) -> None:
+        target = fetch.target
+        ident = Dataset()
+        ident.QueryRetrieveLevel = target.level.value
+        ident.StudyInstanceUID = target.study
+        if target.series:
+            ident.SeriesInstanceUID = target.series
+        if target.instance:
+            ident.SOPInstanceUID = target.instance
+        result: MoveResult | None = None
+        error: GatewayError | None = None
+        try:
+            result = await c_move(
+                self.pools[node.name],
+                ident,
+                MoveModel.STUDY_ROOT,
+                destination=self.ae_title,
+                msg_id=fetch.msg_id,
+                cancel=fetch.cancel,
+            )
+            await self._settle(fetch, result)
+            raise_for_refusal(node.name, result)
+            self._remember_complete(fetch, result)
+        except GatewayError as exc:
+            error = exc
+        except asyncio.CancelledError:
+            error = PacsError(node.name, "the retrieve was cancelled")
+            raise
+        finally:
+            with self._lock:
+                self._by_msg.pop(fetch.msg_id, None)
+            if self._fetches.get(target) is fetch:
+                del self._fetches[target]
+            fetch.finish(result, error)
+
+    async def _settle(self, fetch: Fetch, result: MoveResult) -> None:
+        # Each C-STORE is answered only after its file is indexed, and the PACS
+        # sends the final C-MOVE response after the last C-STORE response: the
+        # arrivals are already queued on this loop.  A short grace covers PACS
+        # that answer before their last sub-operation is acknowledged.
+        expected = result.progress.completed + result.progress.warning
+        for _ in range(40):
+            if len(fetch.arrived) >= expected:
+                return
+            await asyncio.sleep(0.05)
+        log.warning(
+            "C-MOVE %d reported %d delivered sub-operations but %d instances arrived",
+            fetch.msg_id,
+            expected,
+            len(fetch.arrived),
+        )
+
+    def _remember_complete(self, fetch: Fetch, result: MoveResult) -> None:
+        p = result.progress
+        if result.status != st.SUCCESS or p.failed or (p.remaining or 0):
+            return
+        if len(fetch.arrived) < p.completed + p.warning:
+            return
+        if fetch.target.level is Level.IMAGE:
+            return
+        by_series: dict[str, int] = {}
+        for inst in fetch.arrived:
+            by_series[inst.series_uid] = by_series.get(inst.series_uid, 0) + 1
+        for series, count in by_series.items():
+            self.cache.mark_series_complete(fetch.target.study, series, count)
+
+    async def shutdown(self) -> None:
+        for fetch in list(self._fetches.values()):
+            fetch.cancel.set()
+            if fetch.task is not None:
+                fetch.task.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await fetch.task
+
+    # -- the storage SCP's sink (runs on its threads) ----------------------
+
+    def open(self, incoming: IncomingInstance) -> BinaryIO | int:
+        fetch = self._route(incoming)
+        if fetch is None:
+            log.warning(
+                "refused C-STORE of %s from %s (%s): no retrieve is waiting for it "
+                "(Move Originator Message ID %s)",
+                incoming.sop_instance_uid,
+                incoming.calling_ae,
+                incoming.peer_address,
+                incoming.move_originator_message_id,
+            )
+            return STATUS_NOT_EXPECTED
+        if fetch.target.instance and incoming.sop_instance_uid != fetch.target.instance:
+            return STATUS_MISMATCH
+        temp = self.cache.temp_path()
+        return _TempFile(temp, fetch)
+
+    def close(self, incoming: IncomingInstance, file: BinaryIO, ok: bool) -> int:
+        assert isinstance(file, _TempFile)
+        file.close()
+        temp, fetch = file.temp, file.fetch
+        if not ok:
+            temp.unlink(missing_ok=True)
+            return STATUS_WRITE_FAILED
+        try:
+            study, series = _study_series(temp)
+            if not fetch.target.covers(study, series, incoming.sop_instance_uid):
+                log.warning(
+                    "refused %s: it belongs to study %s series %s, not to what retrieve %d "
+                    "asked for",
+                    incoming.sop_instance_uid,
+                    study,
+                    series,
+                    fetch.msg_id,
+                )
+                temp.unlink(missing_ok=True)
+                return STATUS_MISMATCH
+            cached = self.cache.commit(
+                temp,
+                study_uid=study,
+                series_uid=series,
+                sop_uid=incoming.sop_instance_uid,
+                sop_class_uid=incoming.sop_class_uid,
+                transfer_syntax=incoming.transfer_syntax_uid,
+            )
+        except (OSError, ValueError) as exc:
+            log.error("could not keep %s: %s", incoming.sop_instance_uid, exc)
+            temp.unlink(missing_ok=True)
+            return STATUS_WRITE_FAILED
+        fetch.loop.call_soon_threadsafe(fetch.arrive, cached)
+        return st.SUCCESS
+
+    def _route(self, incoming: IncomingInstance) -> Fetch | None:
+        with self._lock:
+            msg_id = incoming.move_originator_message_id
+            if msg_id is not None:
+                fetch = self._by_msg.get(msg_id)
+                if fetch is not None and fetch.calling_ae == incoming.calling_ae:
+                    return fetch
+                return None
+            # No originator ID (allowed: it is a U attribute): a fetch from the same
+            # PACS, if there is only one; its study/series check follows at close.
+            candidates = [f for f in self._by_msg.values() if f.calling_ae == incoming.calling_ae]
+        return candidates[0] if len(candidates) == 1 else None
+
+
+class _TempFile(io.FileIO):
+    """The file an arrival is written to, remembering where it belongs."""
+
+    def __init__(self, temp: Path, fetch: Fetch) -> None:
+        super().__init__(temp, "wb")
+        self.temp = temp
+        self.fetch = fetch
+
+
+def _study_series(path: Path) -> tuple[str, str]:
+    ds = dcmread(
+        path, stop_before_pixels=True, specific_tags=["StudyInstanceUID", "SeriesInstanceUID"]
+    )
+    return str(ds.StudyInstanceUID), str(ds.SeriesInstanceUID)
+
+
+def incomplete_message(fetch: Fetch) -> str:
+    result = fetch.result
+    if result is None:
+        return "the retrieve did not finish"
+    p = result.progress
+    return (
+        f"C-MOVE ended with status 0x{result.status:04X}: {len(fetch.arrived)} instances "
+        f"arrived, {p.failed} failed, {p.warning} with warnings"
+        + (f", {p.remaining} not attempted" if p.remaining else "")
+    )
+
+
+Source = list[CachedInstance] | Fetch
+
+
+class Delivery:
+    """The instances of a study or series retrieve, series by series.
+
+    ``prepare()`` waits for the first instance (or the end of the first move) so
+    that the HTTP status is decided before any byte is sent (PS3.18 Table
+    10.4.3-1: 200, 206 partial, 404 nothing matched).  Iterating yields
+    instances as they are stored; the next series' move starts while the
+    current one streams.  After iteration, ``complete`` tells whether every
+    instance the PACS announced arrived.
+    """
+
+    def __init__(self, retriever: Retriever, node: PacsNode, study: str, series: list[str]):
+        self.retriever = retriever
+        self.node = node
+        self.study = study
+        self.series = series
+        self.problems: list[str] = []
+        self.complete = True
+        self._sources: dict[int, Source] = {}
+
+    async def _source(self, index: int) -> Source:
+        if index not in self._sources:
+            self._sources[index] = await self.retriever.series_instances(
+                self.node, self.study, self.series[index]
+            )
+        return self._sources[index]
+
+    async def prepare(self) -> str | None:
+        """Raise if nothing can be delivered; return a Warning text for a partial result."""
+        source = await self._source(0)
+        if isinstance(source, list):
+            return None
+        fetch = source
+        while not fetch.arrived and not fetch.done:
+            await fetch.changed()
+        if fetch.arrived:
+            if fetch.done and fetch.missing:
+                return incomplete_message(fetch)
+            return None
+        if fetch.error is not None:
+            raise fetch.error
+        raise NotFound(
+            f"series {self.series[0]} of study {self.study} delivered no instances "
+            f"({incomplete_message(fetch)})"
+        )
+
+    async def __aiter__(self) -> AsyncIterator[CachedInstance]:
+        fetch: Fetch | None = None
+        try:
+            for index, series in enumerate(self.series):
+                source = await self._source(index)
+                if index + 1 < len(self.series):
+                    await self._source(index + 1)  # start the next move now
+                if isinstance(source, list):
+                    for inst in source:
+                        yield inst
+                    continue
+                fetch = source
+                fetch.subscribers += 1
+                async for inst in fetch.instances():
+                    yield inst
+                fetch.subscribers -= 1
+                if fetch.error is not None or fetch.missing:
+                    self.complete = False
+                    self.problems.append(f"series {series}: {incomplete_message(fetch)}")
+                fetch = None
+        finally:
+            if fetch is not None:
+                fetch.subscribers -= 1
+                if fetch.subscribers <= 0 and not fetch.done:
+                    # Nobody else wants this move any more: stop the PACS (C-CANCEL).
+                    fetch.cancel.set()
