@@ -119,7 +119,10 @@ class Fetch:
         if self.result is None:
             return 0
         p = self.result.progress
-        return p.failed + (p.remaining or 0)
+        # Announced deliveries that never came count too: some PACS answer
+        # Success while skipping instances (CTN counts them as warnings).
+        undelivered = max(0, p.completed + p.warning - len(self.arrived))
+        return p.failed + (p.remaining or 0) + undelivered
 
 
 class Retriever:
