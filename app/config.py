@@ -62,7 +62,9 @@ class PacsNode(BaseModel):
     acquire_timeout: float = Field(default=10.0, gt=0)
     # An idle association older than this is released rather than reused: many PACS
     # drop idle peers silently, and a dead socket would cost the next request a retry.
-    idle_timeout: float = Field(default=30.0, gt=0)
+    # Below the usual PACS idle limits (Orthanc's DicomScpTimeout is 30 s), so the
+    # gateway releases first instead of racing the PACS's close.
+    idle_timeout: float = Field(default=20.0, gt=0)
     # False opens a fresh association for every operation (for PACS that dislike
     # long-lived associations); the bound on concurrent associations still holds.
     reuse_associations: bool = True

@@ -12,6 +12,7 @@ import socket
 from concurrent.futures import ThreadPoolExecutor
 
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pynetdicom import _config
 
 from app.cache import InstanceCache
 from app.config import PacsNode, Settings
@@ -36,10 +37,19 @@ QUERY_CONTEXTS = (
 )
 
 
+def _quiet_pynetdicom() -> None:
+    # pynetdicom formats every identifier for its log even when nobody listens:
+    # about 1 ms per C-FIND and most of the per-answer cost of large answers.
+    _config.LOG_HANDLER_LEVEL = "none"
+    _config.LOG_REQUEST_IDENTIFIERS = False
+    _config.LOG_RESPONSE_IDENTIFIERS = False
+
+
 class Gateway:
     """Pools and workers for every configured node."""
 
     def __init__(self, settings: Settings) -> None:
+        _quiet_pynetdicom()
         self.settings = settings
         workers = sum(n.max_associations for n in settings.nodes) * 2 + 4
         self.executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="dimse")

@@ -14,7 +14,7 @@ from enum import StrEnum
 from pydicom.dataset import Dataset
 
 from app.dimse import status as st
-from app.dimse.pool import AssociationPool, Lease
+from app.dimse.pool import AssociationPool, Lease, quiesce_reactor
 from app.errors import AssociationAborted, DimseTimeout, PacsFailureStatus
 
 log = logging.getLogger(__name__)
@@ -103,6 +103,10 @@ def _find_blocking(
     started = last = time.monotonic()
     msg_id = lease.next_message_id()
     cancel_sent = False
+    failure: PacsFailureStatus | None = None
+    if not quiesce_reactor(lease.assoc):
+        lease.reusable = False
+        raise AssociationAborted(node.name, "association not responsive")
     try:
         responses = lease.assoc.send_c_find(identifier, str(model), msg_id=msg_id)
         for status, ident in responses:
@@ -128,7 +132,7 @@ def _find_blocking(
             result.status = code
             if st.category(code) is st.Category.FAILURE:
                 comment = status.get("ErrorComment")
-                raise PacsFailureStatus(
+                failure = PacsFailureStatus(
                     node.name, "C-FIND", code, str(comment) if comment else None
                 )
             break
@@ -136,8 +140,16 @@ def _find_blocking(
         # pynetdicom raises RuntimeError when the association died before the request.
         lease.reusable = False
         raise AssociationAborted(node.name, f"association lost: {exc}") from exc
+    except BaseException:
+        # Responses may still be queued: the next operation would read them as its own.
+        lease.reusable = False
+        raise
     if not lease.assoc.is_established:
         lease.reusable = False
+    if failure is not None:
+        # Raised only now: a final response, even a failure, leaves the
+        # association clean for the next operation.
+        raise failure
     result.elapsed = time.monotonic() - started
     log.info(
         "C-FIND %s level=%s status=0x%04X matches=%d%s elapsed=%.1fms",
@@ -173,6 +185,9 @@ async def c_echo(pool: AssociationPool) -> float:
 
 def _echo_blocking(lease: Lease, pool: AssociationPool) -> float:
     started = time.monotonic()
+    if not quiesce_reactor(lease.assoc):
+        lease.reusable = False
+        raise AssociationAborted(pool.node.name, "association not responsive")
     try:
         status = lease.assoc.send_c_echo(msg_id=lease.next_message_id())
     except RuntimeError as exc:

@@ -21,7 +21,7 @@ from enum import StrEnum
 from pydicom.dataset import Dataset
 
 from app.dimse import status as st
-from app.dimse.pool import AssociationPool, Lease
+from app.dimse.pool import AssociationPool, Lease, quiesce_reactor
 from app.errors import AssociationAborted, DimseTimeout, PacsFailureStatus
 
 log = logging.getLogger(__name__)
@@ -123,6 +123,9 @@ def _move_blocking(
     cancel_sent = False
     final: Dataset | None = None
     failed_uids: list[str] = []
+    if not quiesce_reactor(lease.assoc):
+        lease.reusable = False
+        raise AssociationAborted(node.name, "association not responsive")
     try:
         for rsp, ident in lease.assoc.send_c_move(
             identifier, destination, str(model), msg_id=msg_id
@@ -157,6 +160,9 @@ def _move_blocking(
     except RuntimeError as exc:
         lease.reusable = False
         raise AssociationAborted(node.name, f"association lost: {exc}") from exc
+    except BaseException:
+        lease.reusable = False
+        raise
     if final is None:
         lease.reusable = False
         raise AssociationAborted(node.name, "C-MOVE ended without a final response")

@@ -51,6 +51,29 @@ _REJECT_REASONS = {
 }
 
 
+def quiesce_reactor(assoc: Association, timeout: float = 1.0) -> bool:
+    """Make sure the association's reactor thread is parked before a request.
+
+    pynetdicom 3.0.4's ``send_c_*`` pause the reactor by clearing a checkpoint
+    and waiting for ``_is_paused``, but that flag can still be True from the
+    previous operation while the reactor, just woken, is about to take the next
+    message off the queue: the first answer of the new request is then dropped
+    ("Received unexpected C-FIND service message", pynetdicom issue 875) and a
+    search silently loses a match.  Clearing the flag first and waiting for the
+    reactor to set it again proves it has come round to the checkpoint.  The
+    pool never runs two operations on one association, so the reactor is
+    looping (the checkpoint is set) whenever this is called.
+    """
+    assoc._reactor_checkpoint.clear()
+    assoc._is_paused = False
+    deadline = time.monotonic() + timeout
+    while not assoc._is_paused:
+        if time.monotonic() > deadline or not assoc.is_established:
+            return False
+        time.sleep(0.0001)
+    return True
+
+
 def set_tcp_nodelay(event: evt.Event) -> None:
     """Disable Nagle's algorithm on a new association socket.
 

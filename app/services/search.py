@@ -127,7 +127,8 @@ class Searcher:
         total = len(rows)
         start = min(q.offset, total)
         end = total if q.limit is None else min(total, start + q.limit)
-        result.matches = [self._assemble(r) for r in rows[start:end]]
+        page = rows[start:end]
+        result.matches = await asyncio.to_thread(lambda: [self._assemble(r) for r in page])
         result.truncated = self._capped
         result.remaining = None if (self._capped or self._cut) else total - end
         if self._cut and end < total:
@@ -164,6 +165,8 @@ class Searcher:
                 if not uid or uid in accepted or not self._accept(ds, level):
                     return False
                 accepted.add(uid)
+                # Decode here, on the C-FIND's thread, not on the event loop.
+                _decode(ds)
                 return True
 
             async with self._fanout:
@@ -176,7 +179,6 @@ class Searcher:
             out = []
             for ds in found.matches:
                 uid = _text(ds, unique)
-                _decode(ds)
                 out.append(_Row({**row.uids, level: uid}, {**row.data, level: ds}))
             return out
 

@@ -434,3 +434,4 @@ def test_http_client_going_away_cancels_the_find(scp_factory: Any, tmp_path: Any
         pool = httpx.get(f"{gw.url}/pacs", timeout=5).json()[0]["pool"]
         assert pool["in_use"] == 0
         assert pool["discarded_total"] == 0, "a cancelled C-FIND leaves the association usable"
+
