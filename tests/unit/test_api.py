@@ -24,6 +24,7 @@ def _closed_port() -> int:
 def client(tmp_path_factory: pytest.TempPathFactory) -> Iterator[httpx.Client]:
     settings = Settings(
         http_port=0,
+        storage_port=0,
         work_dir=tmp_path_factory.mktemp("gw"),
         nodes=[
             PacsNode(

@@ -419,7 +419,9 @@ def test_http_client_going_away_cancels_the_find(scp_factory: Any, tmp_path: Any
     from tests.gateway_server import GatewayServer
 
     scp = scp_factory(_answers(2000, delay=0.005))
-    settings = Settings(http_port=0, work_dir=tmp_path, nodes=[_node(scp.port, default=True)])
+    settings = Settings(
+        http_port=0, storage_port=0, work_dir=tmp_path, nodes=[_node(scp.port, default=True)]
+    )
     with GatewayServer(settings) as gw:
         with pytest.raises(httpx.TimeoutException):
             httpx.get(f"{gw.dicomweb}/studies", timeout=0.5)
@@ -434,4 +436,3 @@ def test_http_client_going_away_cancels_the_find(scp_factory: Any, tmp_path: Any
         pool = httpx.get(f"{gw.url}/pacs", timeout=5).json()[0]["pool"]
         assert pool["in_use"] == 0
         assert pool["discarded_total"] == 0, "a cancelled C-FIND leaves the association usable"
-
