@@ -5,13 +5,16 @@ from __future__ import annotations
 import socket
 import threading
 import time
+from pathlib import Path
 from types import TracebackType
-from typing import Self
+from typing import Any, Self
 
 import uvicorn
 
-from app.config import Settings
+from app.config import PacsNode, Settings
 from app.main import create_app
+
+GATEWAY_AE = "DIMSEGW"
 
 
 def free_port() -> int:
@@ -71,3 +74,21 @@ class GatewayServer:
         tb: TracebackType | None,
     ) -> None:
         self.stop()
+
+
+def local_node(name: str, ae_title: str, port: int, **options: Any) -> PacsNode:
+    """A PACS on this machine."""
+    return PacsNode(name=name, ae_title=ae_title, host="127.0.0.1", port=port, **options)
+
+
+def gateway_settings(work_dir: Path, *nodes: PacsNode, storage_port: int = 0) -> Settings:
+    """Settings for a gateway under test: free HTTP port, storage SCP on loopback
+    (``storage_port`` must be the one the PACS has on file when the test moves)."""
+    return Settings(
+        ae_title=GATEWAY_AE,
+        http_port=0,
+        storage_host="127.0.0.1",
+        storage_port=storage_port,
+        work_dir=work_dir,
+        nodes=list(nodes),
+    )

@@ -13,10 +13,9 @@ from pathlib import Path
 import httpx
 import pytest
 
-from app.config import PacsNode, Settings
 from app.runtime import Gateway
 from app.sampledata import ct_series, sample_patients, write_datasets
-from tests.gateway_server import GatewayServer, free_port
+from tests.gateway_server import GatewayServer, free_port, gateway_settings, local_node
 from tests.integration.conftest import GATEWAY_AE
 from tests.peers.orthanc import OrthancPeer, orthanc_available
 
@@ -52,22 +51,10 @@ def setup(
     peer.start()
     try:
         peer.load(big_series)
-        settings = Settings(
-            ae_title=GATEWAY_AE,
-            http_port=0,
-            storage_host="127.0.0.1",
+        settings = gateway_settings(
+            tmp_path / "gw",
+            local_node("orthanc", peer.aet, peer.dicom_port, default=True, dimse_timeout=10),
             storage_port=storage_port,
-            work_dir=tmp_path / "gw",
-            nodes=[
-                PacsNode(
-                    name="orthanc",
-                    ae_title=peer.aet,
-                    host="127.0.0.1",
-                    port=peer.dicom_port,
-                    default=True,
-                    dimse_timeout=10,
-                )
-            ],
         )
         series = next(iter(peer.loaded.values())).series_instance_uid
         with GatewayServer(settings) as gw:

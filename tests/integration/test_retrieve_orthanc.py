@@ -19,9 +19,8 @@ from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.filebase import DicomBytesIO
 
-from app.config import PacsNode, Settings
 from app.runtime import Gateway
-from tests.gateway_server import GatewayServer
+from tests.gateway_server import GatewayServer, gateway_settings, local_node
 from tests.integration.conftest import GATEWAY_AE
 from tests.peers.common import InstanceInfo
 from tests.peers.orthanc import OrthancPeer
@@ -35,21 +34,10 @@ EVRLE = "1.2.840.10008.1.2.1"
 def gateway(
     orthanc_peer: OrthancPeer, gateway_storage_port: int, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[GatewayServer]:
-    settings = Settings(
-        ae_title=GATEWAY_AE,
-        http_port=0,
-        storage_host="127.0.0.1",
+    settings = gateway_settings(
+        tmp_path_factory.mktemp("gw-retrieve"),
+        local_node("orthanc", orthanc_peer.aet, orthanc_peer.dicom_port, default=True),
         storage_port=gateway_storage_port,
-        work_dir=tmp_path_factory.mktemp("gw-retrieve"),
-        nodes=[
-            PacsNode(
-                name="orthanc",
-                ae_title=orthanc_peer.aet,
-                host="127.0.0.1",
-                port=orthanc_peer.dicom_port,
-                default=True,
-            )
-        ],
     )
     with GatewayServer(settings) as gw:
         yield gw

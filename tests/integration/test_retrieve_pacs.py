@@ -10,10 +10,8 @@ import numpy as np
 import pytest
 from pydicom import dcmread
 
-from app.config import PacsNode, Settings
 from app.demo import QrscpProcess
-from tests.gateway_server import GatewayServer
-from tests.integration.conftest import GATEWAY_AE
+from tests.gateway_server import GatewayServer, gateway_settings, local_node
 from tests.integration.test_retrieve_orthanc import (
     dataset_bytes,
     dataset_bytes_of,
@@ -32,23 +30,11 @@ def gateway(
     gateway_storage_port: int,
     tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[GatewayServer]:
-    settings = Settings(
-        ae_title=GATEWAY_AE,
-        http_port=0,
-        storage_host="127.0.0.1",
+    settings = gateway_settings(
+        tmp_path_factory.mktemp("gw-retrieve-pacs"),
+        local_node("dcmqrscp", dcmqrscp_peer.aet, dcmqrscp_peer.dicom_port),
+        local_node("qrscp", qrscp_peer.ae_title, qrscp_peer.port),
         storage_port=gateway_storage_port,
-        work_dir=tmp_path_factory.mktemp("gw-retrieve-pacs"),
-        nodes=[
-            PacsNode(
-                name="dcmqrscp",
-                ae_title=dcmqrscp_peer.aet,
-                host="127.0.0.1",
-                port=dcmqrscp_peer.dicom_port,
-            ),
-            PacsNode(
-                name="qrscp", ae_title=qrscp_peer.ae_title, host="127.0.0.1", port=qrscp_peer.port
-            ),
-        ],
     )
     with GatewayServer(settings) as gw:
         yield gw

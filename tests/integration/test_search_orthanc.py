@@ -16,10 +16,8 @@ from urllib.parse import urlencode
 import httpx
 import pytest
 
-from app.config import PacsNode, Settings
 from app.dicomweb.attributes import PATIENT_KEYS, SERIES_KEYS, STUDY_KEYS, Level
-from tests.gateway_server import GatewayServer
-from tests.integration.conftest import GATEWAY_AE
+from tests.gateway_server import GatewayServer, gateway_settings, local_node
 from tests.peers.orthanc import OrthancPeer
 
 pytestmark = pytest.mark.integration
@@ -40,20 +38,9 @@ PLUGIN_ONLY = {RETRIEVE_URL, RETRIEVE_AET, "00080056", "00080005"}
 def gateway(
     orthanc_peer: OrthancPeer, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[GatewayServer]:
-    settings = Settings(
-        ae_title=GATEWAY_AE,
-        http_port=0,
-        storage_port=0,
-        work_dir=tmp_path_factory.mktemp("gw"),
-        nodes=[
-            PacsNode(
-                name="orthanc",
-                ae_title=orthanc_peer.aet,
-                host="127.0.0.1",
-                port=orthanc_peer.dicom_port,
-                default=True,
-            )
-        ],
+    settings = gateway_settings(
+        tmp_path_factory.mktemp("gw"),
+        local_node("orthanc", orthanc_peer.aet, orthanc_peer.dicom_port, default=True),
     )
     with GatewayServer(settings) as gw:
         yield gw

@@ -20,10 +20,8 @@ import pytest
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 
-from app.config import PacsNode, Settings
 from app.demo import QrscpProcess
-from tests.gateway_server import GatewayServer
-from tests.integration.conftest import GATEWAY_AE
+from tests.gateway_server import GatewayServer, gateway_settings, local_node
 from tests.peers.dcmqrscp import DcmqrscpPeer
 from tests.peers.orthanc import OrthancPeer
 
@@ -72,19 +70,11 @@ def gateway(
     qrscp_peer: QrscpProcess,
     tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[GatewayServer]:
-    def node(name: str, aet: str, port: int) -> PacsNode:
-        return PacsNode(name=name, ae_title=aet, host="127.0.0.1", port=port)
-
-    settings = Settings(
-        ae_title=GATEWAY_AE,
-        http_port=0,
-        storage_port=0,
-        work_dir=tmp_path_factory.mktemp("gw"),
-        nodes=[
-            node("orthanc", orthanc_peer.aet, orthanc_peer.dicom_port),
-            node("dcmqrscp", dcmqrscp_peer.aet, dcmqrscp_peer.dicom_port),
-            node("qrscp", qrscp_peer.ae_title, qrscp_peer.port),
-        ],
+    settings = gateway_settings(
+        tmp_path_factory.mktemp("gw"),
+        local_node("orthanc", orthanc_peer.aet, orthanc_peer.dicom_port),
+        local_node("dcmqrscp", dcmqrscp_peer.aet, dcmqrscp_peer.dicom_port),
+        local_node("qrscp", qrscp_peer.ae_title, qrscp_peer.port),
     )
     with GatewayServer(settings) as gw:
         yield gw
@@ -298,27 +288,10 @@ def patient_root_gateway(
     tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[GatewayServer]:
     """Nodes configured for the Patient Root model only, as some PACS require."""
-    settings = Settings(
-        ae_title=GATEWAY_AE,
-        http_port=0,
-        storage_port=0,
-        work_dir=tmp_path_factory.mktemp("gw-patient-root"),
-        nodes=[
-            PacsNode(
-                name="dcmqrscp",
-                ae_title=dcmqrscp_peer.aet,
-                host="127.0.0.1",
-                port=dcmqrscp_peer.dicom_port,
-                query_model="patient",
-            ),
-            PacsNode(
-                name="qrscp",
-                ae_title=qrscp_peer.ae_title,
-                host="127.0.0.1",
-                port=qrscp_peer.port,
-                query_model="patient",
-            ),
-        ],
+    settings = gateway_settings(
+        tmp_path_factory.mktemp("gw-patient-root"),
+        local_node("dcmqrscp", dcmqrscp_peer.aet, dcmqrscp_peer.dicom_port, query_model="patient"),
+        local_node("qrscp", qrscp_peer.ae_title, qrscp_peer.port, query_model="patient"),
     )
     with GatewayServer(settings) as gw:
         yield gw
