@@ -59,7 +59,7 @@ class PacsNode(BaseModel):
     retrieve: Literal["move", "get", "auto"] = "move"
     max_associations: int = Field(default=4, ge=1, le=64)
     # How long a request waits for a free association before it gets 503.
-    acquire_timeout: float = Field(default=10.0, gt=0)
+    acquire_timeout: float = Field(default=30.0, gt=0)
     # An idle association older than this is released rather than reused: many PACS
     # drop idle peers silently, and a dead socket would cost the next request a retry.
     # Below the usual PACS idle limits (Orthanc's DicomScpTimeout is 30 s), so the
