@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import io
 import itertools
 import logging
@@ -21,7 +22,7 @@ import threading
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, Literal
 
 from pydicom import dcmread
 from pydicom.dataset import Dataset
@@ -29,11 +30,13 @@ from pydicom.dataset import Dataset
 from app.cache import CachedInstance, InstanceCache
 from app.config import PacsNode
 from app.dicomweb.attributes import Level
+from app.dimse import get as dimse_get
 from app.dimse import status as st
+from app.dimse.get import GetAssociationRejected, GetModel, GetUnsupported, c_get
 from app.dimse.move import MoveModel, MoveResult, c_move, raise_for_refusal
 from app.dimse.pool import AssociationPool
 from app.dimse.storescp import IncomingInstance
-from app.errors import GatewayError, NotFound, PacsError
+from app.errors import AssociationAborted, GatewayError, NotFound, PacsError
 
 log = logging.getLogger(__name__)
 
@@ -225,16 +228,15 @@ class Retriever:
         result: MoveResult | None = None
         error: GatewayError | None = None
         try:
-            result = await c_move(
-                self.pools[node.name],
-                ident,
-                MoveModel.STUDY_ROOT,
-                destination=self.ae_title,
-                msg_id=fetch.msg_id,
-                cancel=fetch.cancel,
-            )
-            await self._settle(fetch, result)
-            raise_for_refusal(node.name, result)
+            if self._method_for(node) == "move":
+                result = await self._move(node, fetch, ident)
+                raise_for_refusal(node.name, result)
+            else:
+                result, operation = await self._get_or_move(node, fetch, ident)
+                if operation == "C-GET":
+                    dimse_get.raise_for_refusal(node.name, result)
+                else:
+                    raise_for_refusal(node.name, result)
             self._remember_complete(fetch, result)
         except GatewayError as exc:
             error = exc
@@ -247,6 +249,87 @@ class Retriever:
             if self._fetches.get(target) is fetch:
                 del self._fetches[target]
             fetch.finish(result, error)
+
+    async def _move(self, node: PacsNode, fetch: Fetch, ident: Dataset) -> MoveResult:
+        result = await c_move(
+            self.pools[node.name],
+            ident,
+            MoveModel.STUDY_ROOT,
+            destination=self.ae_title,
+            msg_id=fetch.msg_id,
+            cancel=fetch.cancel,
+        )
+        await self._settle(fetch, result)
+        return result
+
+    @functools.cached_property
+    def _learned_methods(self) -> dict[str, Literal["get", "move"]]:
+        """Node name -> the retrieve method that worked for a ``retrieve = "auto"``
+        node, kept for the process lifetime."""
+        return {}
+
+    def _method_for(self, node: PacsNode) -> Literal["get", "move"]:
+        if node.retrieve == "auto":
+            return self._learned_methods.get(node.name, "get")
+        return node.retrieve
+
+    def _learn(self, node: PacsNode, method: Literal["get", "move"], why: str) -> None:
+        if self._learned_methods.get(node.name) != method:
+            log.info(
+                "node %s: retrieving with C-%s from now on (%s)", node.name, method.upper(), why
+            )
+        self._learned_methods[node.name] = method
+
+    async def _get_or_move(
+        self, node: PacsNode, fetch: Fetch, ident: Dataset
+    ) -> tuple[MoveResult, str]:
+        """C-GET; for an ``auto`` node, C-MOVE instead when the PACS refuses the C-GET.
+
+        A definite refusal (no C-GET context accepted, permanent association
+        rejection) switches the node to C-MOVE at once.  An A-ABORT or a failure
+        status with nothing delivered (Orthanc aborts a C-GET its configuration
+        does not allow) falls back too, but switches the node only if the C-MOVE
+        then delivers; once C-GET has worked on a node, such failures are
+        reported rather than retried.  Returns the result and the operation
+        that produced it.
+        """
+        auto = node.retrieve == "auto"
+        worked_before = self._learned_methods.get(node.name) == "get"
+        try:
+            result = await c_get(
+                self.pools[node.name],
+                ident,
+                GetModel.STUDY_ROOT,
+                ae_title=self.ae_title,
+                msg_id=fetch.msg_id,
+                sink=self,
+                cancel=fetch.cancel,
+            )
+        except (GetUnsupported, GetAssociationRejected) as exc:
+            if not auto or (isinstance(exc, GetAssociationRejected) and not exc.permanent):
+                raise
+            self._learn(node, "move", f"C-GET refused: {exc.message}")
+            return await self._move(node, fetch, ident), "C-MOVE"
+        except AssociationAborted as exc:
+            if not auto or worked_before or fetch.arrived or fetch.cancel.is_set():
+                raise
+            return await self._fall_back(node, fetch, ident, exc.message), "C-MOVE"
+        await self._settle(fetch, result)
+        if auto and not worked_before and dimse_get.refused(result) and not fetch.arrived:
+            why = f"C-GET failed with status 0x{result.status:04X}"
+            return await self._fall_back(node, fetch, ident, why), "C-MOVE"
+        if auto:
+            self._learn(node, "get", "C-GET works")
+        return result, "C-GET"
+
+    async def _fall_back(
+        self, node: PacsNode, fetch: Fetch, ident: Dataset, why: str
+    ) -> MoveResult:
+        log.info("node %s: C-GET delivered nothing (%s); trying C-MOVE", node.name, why)
+        result = await self._move(node, fetch, ident)
+        if fetch.arrived:
+            self._learn(node, "move", f"{why}, C-MOVE works")
+        return result
 
     async def _settle(self, fetch: Fetch, result: MoveResult) -> None:
         # Each C-STORE is answered only after its file is indexed, and the PACS
