@@ -1,0 +1,1249 @@
+"""WADO-RS retrieve through the gateway: cold (C-MOVE) and warm (cache) against the
+native DIMSE ceiling and against Orthanc's own WADO-RS; peak memory of a 1 GB study.
+
+Run from the repository root::
+
+    .venv/bin/python -m bench.retrieve            # 5 interleaved rounds
+    .venv/bin/python -m bench.retrieve --quick    # 2 rounds
+    .venv/bin/python -m bench.retrieve --profile  # also py-spy the gateway (see below)
+
+What it does, all on 127.0.0.1 and in a fresh temporary folder:
+
+1. generates the 300-slice 512x512 CT series (``app.sampledata.benchmark_ct()``,
+   about 158 MB) and a second study of 7 such series (other series UIDs, about
+   1.1 GB) and loads both into an Orthanc of its own
+   (``tests.peers.orthanc.OrthancPeer``: free ports, ``TCP_NODELAY=1`` in its
+   environment, ``SyncStorageArea: false`` so that loading 1.1 GB takes seconds;
+   it only affects ingest), in which ``DIMSEGW`` (the gateway's storage port),
+   ``STORESCP`` and ``MOVESCU`` are registered;
+2. runs the gateway as a separate process, ``dimse-gateway serve --config FILE``
+   (a generated TOML: ``work_dir`` in the temporary folder, ``storage_host``
+   127.0.0.1, ``log_level`` INFO, one node, the Orthanc) in a session of its own;
+3. after one warm-up of each, runs interleaved rounds (target order rotated each
+   round) of
+
+   (a) gateway, cold cache: the gateway is stopped, ``work_dir/cache`` deleted,
+       the gateway started again and given one request on the retrieve route with
+       an invalid UID (400: it touches neither the cache nor the PACS, but FastAPI
+       builds its route state on a process's first request, ~25 ms), all untimed; then
+       ``GET /dicomweb/studies/{st}/series/{se}`` with
+       ``Accept: multipart/related; type="application/dicom"; transfer-syntax=*``
+       read to the end by ``curl -o /dev/null`` (time to first byte
+       = curl's ``time_starttransfer``; MB/s = the series' file bytes / ``time_total``,
+       the multipart body being 0.1 % larger);
+   (b) gateway, warm cache: the same request again on the same process; checked
+       to have caused no C-MOVE (the count of ``C-MOVE`` lines in the gateway log);
+   (c) DCMTK ``movescu -S`` (``TCP_NODELAY=1``) of the series from Orthanc into
+       DCMTK ``storescp -pdu 131072 -od DIR`` (writes files), timed as the wall
+       time of the movescu process (this includes DCMTK's ~20 ms start-up);
+   (d) Orthanc's own WADO-RS of the series (``/dicom-web/studies/{st}/series/{se}``,
+       same Accept, same curl);
+
+   every run is checked (HTTP 200 and the body size of a verified response, or
+   movescu's exit status and 300 files written);
+4. (e) peak memory: a fresh gateway process with an empty cache streams the
+   7-series study (``GET /dicomweb/studies/{st}``, cold, then once more warm) to
+   curl; VmHWM of ``/proc/PID/status`` is read after each request, VmRSS sampled
+   every 20 ms during it;
+5. with ``--profile`` (py-spy must be in the venv: ``pip install py-spy``): three
+   more cold and three warm series retrieves (``--profile-runs``) in each of two
+   modes, each run with ``py-spy record --threads --rate 1000 --nonblocking``
+   attached to the gateway process: *wall* (``--idle``: where each thread spends
+   its time, waits included) and *GIL* (``--gil``: who holds the interpreter);
+   raw collapsed stacks into ``bench/results/retrieve-pyspy-{wall,gil}-{cold,warm}.txt``,
+   summarised as milliseconds per instance per thread and function, with the
+   findings written out;
+6. writes a Markdown section into ``docs/benchmarks.md`` between
+   ``<!-- retrieve:start -->`` and ``<!-- retrieve:end -->`` (the rest of the file
+   is left alone) and the raw data into ``bench/results/retrieve.json``.
+
+Bounded: every request and process has a timeout; the whole run takes a few minutes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime as _dt
+import json
+import math
+import os
+import platform
+import re
+import shlex
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from bench.store_receive import _cpu_seconds, _log, _rotated
+
+REPO = Path(__file__).resolve().parents[1]
+DOC_PATH = REPO / "docs" / "benchmarks.md"
+RESULTS_PATH = REPO / "bench" / "results" / "retrieve.json"
+MARK_START = "<!-- retrieve:start -->"
+MARK_END = "<!-- retrieve:end -->"
+DOC_INTRO = """# Benchmarks
+
+Reproducible measurements of the gateway against the PACS it fronts.  Each
+section below is written by the script it names (run from the repository root);
+re-running a script replaces only its own section.  The machines are shared and
+noisy: compare numbers within one run, not across runs.
+"""
+
+LOOPBACK = "127.0.0.1"
+GATEWAY_AE = "DIMSEGW"
+STORESCP_AE = "STORESCP"
+MOVESCU_AE = "MOVESCU"
+NODE = "orthanc"
+ACCEPT = 'multipart/related; type="application/dicom"; transfer-syntax=*'
+TARGETS = ("gateway", "movescu", "orthanc")  # gateway = cold then warm
+KINDS = ("cold", "warm", "movescu", "orthanc")
+LABEL = {
+    "cold": "(a) gateway WADO-RS, cold cache (C-MOVE + stream)",
+    "warm": "(b) gateway WADO-RS, warm cache",
+    "movescu": "(c) DCMTK `movescu` -> `storescp -pdu 131072 -od DIR`",
+    "orthanc": "(d) Orthanc WADO-RS",
+}
+AIM_COLD_RATIO = 0.8  # cold gateway throughput / movescu-storescp throughput
+AIM_WARM_RATIO = 2.0  # warm gateway throughput / Orthanc WADO-RS throughput
+AIM_TTFB_MS = 150.0
+AIM_RSS_MB = 300.0
+BIG_SERIES = 7
+BIG_ACCESSION = "ACC2025011510"
+CURL_TIMEOUT = 300
+_CMOVE_LINE = re.compile(
+    r"C-MOVE \S+ level=(?P<level>\S+) -> \S+ status=0x(?P<status>[0-9A-F]{4}) "
+    r"completed=(?P<completed>\d+) failed=(?P<failed>\d+) warning=\d+ "
+    r"elapsed=(?P<ms>[\d.]+)ms"
+)
+
+
+def _sh(cmd: Sequence[str]) -> str:
+    try:
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=20, check=False)
+    except (OSError, subprocess.SubprocessError) as exc:
+        return f"(failed: {exc})"
+    return (out.stdout or out.stderr).strip()
+
+
+def _status_kb(pid: int, key: str) -> int:
+    """A ``kB`` value of /proc/PID/status (VmHWM, VmRSS), 0 when unreadable."""
+    with contextlib.suppress(OSError):
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith(key + ":"):
+                return int(line.split()[1])
+    return 0
+
+
+def _clean_env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DIMSE_GATEWAY_")}
+    for proxy in ("http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY", "all_proxy"):
+        env.pop(proxy, None)
+    return env
+
+
+# --------------------------------------------------------------------------- the gateway
+
+
+class GatewayProcess:
+    """``dimse-gateway serve --config FILE`` as a child process in a session of its own,
+    restartable with an empty cache (same ports, same config)."""
+
+    def __init__(self, workdir: Path, orthanc_aet: str, orthanc_port: int, storage_port: int):
+        from tests.peers.common import free_port
+
+        self.workdir = workdir
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.work_dir = workdir / "work"
+        self.http_port = free_port()
+        self.storage_port = storage_port
+        self.config_path = workdir / "gateway.toml"
+        self.log_path = workdir / "gateway.log"
+        self.process: subprocess.Popen[bytes] | None = None
+        self.config_text = (
+            "# Written by bench/retrieve.py\n"
+            "[gateway]\n"
+            f'ae_title = "{GATEWAY_AE}"\n'
+            f"storage_port = {storage_port}\n"
+            f'storage_host = "{LOOPBACK}"\n'
+            f'http_host = "{LOOPBACK}"\n'
+            f"http_port = {self.http_port}\n"
+            f'work_dir = "{self.work_dir}"\n'
+            'log_level = "INFO"\n'
+            "\n[[nodes]]\n"
+            f'name = "{NODE}"\n'
+            f'ae_title = "{orthanc_aet}"\n'
+            f'host = "{LOOPBACK}"\n'
+            f"port = {orthanc_port}\n"
+            "default = true\n"
+            "dimse_timeout = 120\n"
+        )
+        self.config_path.write_text(self.config_text, encoding="utf-8")
+        script = Path(sys.executable).with_name("dimse-gateway")
+        self.command = ([str(script)] if script.exists() else [sys.executable, "-m", "app.cli"]) + [
+            "serve",
+            "--config",
+            str(self.config_path),
+        ]
+
+    @property
+    def url(self) -> str:
+        return f"http://{LOOPBACK}:{self.http_port}"
+
+    @property
+    def pid(self) -> int:
+        assert self.process is not None
+        return self.process.pid
+
+    def start(self, timeout: float = 30.0) -> None:
+        from tests.peers.common import port_is_open
+
+        env = _clean_env()
+        env["PYTHONPATH"] = os.pathsep.join(
+            [str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])]
+        )
+        with self.log_path.open("ab") as log:
+            log.write(f"\n=== {time.strftime('%H:%M:%S')} {shlex.join(self.command)}\n".encode())
+            log.flush()
+            self.process = subprocess.Popen(
+                self.command,
+                cwd=REPO,
+                env=env,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        deadline = time.monotonic() + timeout
+        while True:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"the gateway exited during start-up:\n{self.log_tail()}")
+            if port_is_open(LOOPBACK, self.http_port) and port_is_open(LOOPBACK, self.storage_port):
+                with contextlib.suppress(httpx.HTTPError):
+                    if httpx.get(f"{self.url}/health", timeout=2, trust_env=False).is_success:
+                        return
+            if time.monotonic() > deadline:
+                raise RuntimeError(
+                    f"the gateway is not ready after {timeout} s:\n{self.log_tail()}"
+                )
+            time.sleep(0.05)
+
+    def stop(self) -> None:
+        proc = self.process
+        if proc is None or proc.poll() is not None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(proc.pid, signal.SIGKILL)
+            proc.wait(5)
+
+    def restart_empty(self) -> None:
+        """Stop, delete ``work_dir/cache``, start a fresh process and warm it up."""
+        self.stop()
+        shutil.rmtree(self.work_dir / "cache", ignore_errors=True)
+        self.start()
+        self.warm_up()
+
+    def warm_up(self) -> None:
+        """One request through the retrieve route that touches neither the cache nor
+        the PACS (an invalid UID: 400), so that a cold run measures a cold cache, not
+        a process's first request (FastAPI builds its route state lazily, ~25 ms)."""
+        url = f"{self.url}/dicomweb/studies/1.2.3/series/not-a-uid"
+        response = httpx.get(url, headers={"Accept": ACCEPT}, timeout=10, trust_env=False)
+        if response.status_code != 400:
+            raise RuntimeError(f"warm-up request: HTTP {response.status_code}, expected 400")
+
+    def log_text(self) -> str:
+        return self.log_path.read_text("utf-8", "replace") if self.log_path.exists() else ""
+
+    def moves(self) -> list[dict[str, Any]]:
+        """Every C-MOVE line the gateway logged so far."""
+        return [m.groupdict() for m in _CMOVE_LINE.finditer(self.log_text())]
+
+    def log_tail(self, lines: int = 40) -> str:
+        return "\n".join(self.log_text().splitlines()[-lines:]) or "(no log)"
+
+
+# --------------------------------------------------------------------------- clients
+
+
+@dataclass
+class CurlResult:
+    status: int
+    ttfb: float  # seconds to the first byte of the response
+    total: float  # seconds to the last byte
+    size: int  # body bytes
+
+
+def curl_get(url: str) -> CurlResult:
+    """GET ``url`` with the WADO-RS Accept, body to /dev/null."""
+    cmd = [
+        "curl",
+        "-s",
+        "--noproxy",
+        "*",
+        "-o",
+        "/dev/null",
+        "-H",
+        f"Accept: {ACCEPT}",
+        "--max-time",
+        str(CURL_TIMEOUT),
+        "-w",
+        "%{http_code} %{time_starttransfer} %{time_total} %{size_download}",
+        url,
+    ]
+    out = subprocess.run(
+        cmd,
+        capture_output=True,
+        text=True,
+        timeout=CURL_TIMEOUT + 10,
+        check=False,
+        env=_clean_env(),
+    )
+    fields = out.stdout.split()
+    if out.returncode != 0 or len(fields) != 4:
+        raise RuntimeError(f"curl {url} failed ({out.returncode}): {out.stdout} {out.stderr}")
+    return CurlResult(int(fields[0]), float(fields[1]), float(fields[2]), int(fields[3]))
+
+
+def verify_multipart(url: str, expected: set[str]) -> int:
+    """Read a whole response with httpx, check it holds one part per expected
+    SOPInstanceUID and ends with the closing delimiter; the body size."""
+    from pydicom import dcmread
+    from pydicom.filebase import DicomBytesIO
+
+    response = httpx.get(url, headers={"Accept": ACCEPT}, timeout=CURL_TIMEOUT, trust_env=False)
+    if response.status_code != 200:
+        raise RuntimeError(f"{url}: HTTP {response.status_code}: {response.text[:300]}")
+    match = re.search(r'boundary="?([^";]+)"?', response.headers["content-type"])
+    if match is None:
+        raise RuntimeError(f"{url}: no boundary in {response.headers['content-type']}")
+    delimiter = b"--" + match.group(1).encode()
+    body = response.content
+    if not body.rstrip(b"\r\n").endswith(delimiter + b"--"):
+        raise RuntimeError(f"{url}: the body does not end with the closing delimiter")
+    seen: set[str] = set()
+    for chunk in body.split(delimiter)[1:-1]:
+        _head, _, payload = chunk[2:].partition(b"\r\n\r\n")
+        ds = dcmread(DicomBytesIO(payload[:-2]), stop_before_pixels=True)
+        seen.add(str(ds.SOPInstanceUID))
+    if seen != expected:
+        raise RuntimeError(
+            f"{url}: {len(seen)} instances, {len(seen & expected)} of {len(expected)} expected"
+        )
+    return len(body)
+
+
+class RssSampler:
+    """VmRSS of a process every ``interval`` seconds, in a thread."""
+
+    def __init__(self, pid: int, interval: float = 0.02) -> None:
+        self.pid = pid
+        self.interval = interval
+        self.samples: list[tuple[float, int]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._t0 = time.perf_counter()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.samples.append((time.perf_counter() - self._t0, _status_kb(self.pid, "VmRSS")))
+            self._stop.wait(self.interval)
+
+    def __enter__(self) -> RssSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(5)
+
+    @property
+    def peak_kb(self) -> int:
+        return max((kb for _, kb in self.samples), default=0)
+
+
+# --------------------------------------------------------------------------- measuring
+
+
+@dataclass
+class Run:
+    kind: str  # cold, warm, movescu, orthanc
+    round: int
+    seconds: float
+    ttfb: float | None = None
+    body_bytes: int | None = None
+    gateway_cpu: float | None = None
+    orthanc_cpu: float | None = None
+    move_ms: float | None = None  # the C-MOVE as the gateway logged it (cold runs)
+
+
+@dataclass
+class Report:
+    rounds: int
+    instances: int
+    data_bytes: int
+    runs: list[Run] = field(default_factory=list)
+    setup: dict[str, Any] = field(default_factory=dict)
+    study: dict[str, Any] = field(default_factory=dict)
+    profile: dict[str, Any] = field(default_factory=dict)
+
+    def of(self, kind: str) -> list[Run]:
+        return [r for r in self.runs if r.kind == kind]
+
+    def seconds(self, kind: str) -> list[float]:
+        return [r.seconds for r in self.of(kind)]
+
+
+def _big_study(seed: str) -> tuple[str, list[Any]]:
+    """7 CT series of 300 slices in one study, other UIDs than ``benchmark_ct()``."""
+    from app.sampledata import PatientInfo, StudyInfo, ct_series, derive_uid
+
+    patient = PatientInfo("DGW0901", "Bench^Study", "19800101", "O", "")
+    study = StudyInfo(
+        date="20250116",
+        time="120000",
+        accession_number=BIG_ACCESSION,
+        study_id="9002",
+        description="CT Benchmark, 7 series",
+        referring_physician="",
+    )
+    study_uid = derive_uid(seed, "study", BIG_ACCESSION)
+
+    def series(number: int) -> Any:
+        return ct_series(
+            patient=patient,
+            study=study,
+            study_uid=study_uid,
+            series_number=number,
+            slices=300,
+            description=f"Benchmark series {number}",
+            seed=seed,
+        )
+
+    return study_uid, [series(n) for n in range(1, BIG_SERIES + 1)]
+
+
+PYSPY_RATE = 1000  # samples per second and thread: one sample = 1 ms of that thread
+
+
+def _spy(pid: int, out: Path, duration: int, mode: str) -> subprocess.Popen[bytes] | None:
+    spy = Path(sys.executable).with_name("py-spy")
+    if not spy.exists():
+        _log("py-spy is not installed in the venv (pip install py-spy); no profile")
+        return None
+    cmd = [
+        str(spy),
+        "record",
+        "--pid",
+        str(pid),
+        "--rate",
+        str(PYSPY_RATE),
+        # wall: every thread all the time (idle waits too); gil: only the GIL holder.
+        "--idle" if mode == "wall" else "--gil",
+        "--threads",
+        "--format",
+        "raw",
+        "--duration",
+        str(duration),
+        "--output",
+        str(out),
+        "--nonblocking",
+    ]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    time.sleep(1.0)  # py-spy attaches
+    return proc
+
+
+_THREAD = re.compile(r"^thread \(\d+\): ")
+
+
+def _thread_group(name: str) -> str:
+    """``storescp-127.0.0.1:41234`` -> ``storescp-127.0.0.1:N``, ``asyncio_3`` -> ``asyncio_N``."""
+    return re.sub(r"\d+$", "N", name)
+
+
+# Frames that only wrap a thread's whole life or pass a message on: left out of the
+# per-function lists.
+_WRAPPER_SHARE = 0.97
+_WRAPPER = re.compile(
+    r"\((threading\.py|concurrent/futures/thread\.py|asyncio/runners\.py|uvicorn/_compat\.py"
+    r"|uvicorn/main\.py|uvicorn/server\.py|uvicorn/middleware/.*|app/cli\.py|dimse-gateway"
+    r"|starlette/middleware/.*|starlette/_exception_handler\.py|starlette/routing\.py"
+    r"|starlette/applications\.py|fastapi/middleware/.*|fastapi/telemetry/.*"
+    r"|fastapi/applications\.py|anyio/_core/_tasks\.py)\)$"
+    r"|^StreamingResponse\.__call__"
+)
+
+
+def summarise_profile(path: Path, instances: int, top: int = 40) -> dict[str, Any]:
+    """Per thread group: ms per instance in total (one sample = 1000 / PYSPY_RATE ms of
+    that thread) and the functions it spent them in, inclusive (the function and what
+    it calls), from py-spy's collapsed stacks; frames present in nearly every sample
+    of a thread (``Thread.run``, the event loop's ``run``) are left out."""
+    per_sample_ms = 1000 / PYSPY_RATE / instances
+    threads: Counter[str] = Counter()
+    inclusive: dict[str, Counter[str]] = {}
+    for line in path.read_text("utf-8", "replace").splitlines():
+        stack, _, count_text = line.rpartition(" ")
+        if not stack or not count_text.isdigit():
+            continue
+        count = int(count_text)
+        frames = _THREAD.sub("", stack).split(";")
+        thread = _thread_group(frames[0])
+        threads[thread] += count
+        # One count per function and stack: recursion must not count twice.
+        functions = {re.sub(r" \(([^:]*):\d+\)$", r" (\1)", f) for f in frames[1:]}
+        bucket = inclusive.setdefault(thread, Counter())
+        for function in functions:
+            bucket[function] += count
+    return {
+        "threads_ms_per_instance": {
+            t: round(c * per_sample_ms, 3) for t, c in threads.most_common()
+        },
+        "inclusive_ms_per_instance": {
+            t: [
+                (f, round(c * per_sample_ms, 3))
+                for f, c in bucket.most_common()
+                if c < _WRAPPER_SHARE * threads[t] and not _WRAPPER.search(f)
+            ][:top]
+            for t, bucket in inclusive.items()
+        },
+    }
+
+
+def measure(args: argparse.Namespace) -> Report:
+    from app.sampledata import DEFAULT_SEED, benchmark_ct, write_datasets
+    from tests.peers.common import StorescpPeer, dcmtk_env, free_port, read_instance_info
+    from tests.peers.orthanc import OrthancPeer, orthanc_available
+
+    if not orthanc_available():
+        raise SystemExit("Orthanc or its DICOMweb plugin is not installed")
+    for tool in ("storescp", "movescu", "curl"):
+        if shutil.which(tool) is None:
+            raise SystemExit(f"{tool} is not installed")
+    with contextlib.ExitStack() as stack:
+        work = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="bench-retrieve-")))
+        _log(f"generating the CT series and the {BIG_SERIES}-series study in {work}")
+        files = write_datasets(benchmark_ct(), work / "ct")
+        study_uid_big, generators = _big_study(DEFAULT_SEED)
+        big_files: list[Path] = []
+        for number, generator in enumerate(generators, 1):
+            big_files += write_datasets(generator, work / "big" / str(number))
+        infos = [read_instance_info(p) for p in files]
+        study, series = infos[0].study_instance_uid, infos[0].series_instance_uid
+        expected = {i.sop_instance_uid for i in infos}
+        big_expected = {read_instance_info(p).sop_instance_uid for p in big_files}
+
+        storage_port, storescp_port = free_port(), free_port()
+        modalities = {
+            GATEWAY_AE: (GATEWAY_AE, LOOPBACK, storage_port),
+            STORESCP_AE: (STORESCP_AE, LOOPBACK, storescp_port),
+            MOVESCU_AE: (MOVESCU_AE, LOOPBACK, free_port()),
+        }
+        orthanc = OrthancPeer(work / "orthanc", modalities=modalities, sync_storage=False)
+        stack.callback(orthanc.stop)
+        _log("starting Orthanc and loading both studies")
+        orthanc.start()
+        t0 = time.monotonic()
+        loaded = orthanc.load([*files, *big_files])
+        load_s = time.monotonic() - t0
+        if len(loaded.loaded) != len(files) + len(big_files):
+            raise SystemExit(
+                f"Orthanc kept {len(loaded.loaded)} of {len(files) + len(big_files)} files"
+            )
+        _log(f"loaded {len(loaded.loaded)} files in {load_s:.1f} s")
+        assert orthanc.pid is not None
+        orthanc_pid = orthanc.pid
+
+        storescp = StorescpPeer(
+            work / "storescp", aet=STORESCP_AE, port=storescp_port, extra_args=["-pdu", "131072"]
+        )
+        stack.callback(storescp.stop)
+        storescp.start()
+        received = storescp.output_dir
+
+        gateway = GatewayProcess(work / "gateway", orthanc.aet, orthanc.dicom_port, storage_port)
+        stack.callback(gateway.stop)
+
+        movescu_cmd = [
+            "movescu",
+            "-S",
+            "-aet",
+            MOVESCU_AE,
+            "-aec",
+            orthanc.aet,
+            "-aem",
+            STORESCP_AE,
+            "-k",
+            "QueryRetrieveLevel=SERIES",
+            "-k",
+            f"StudyInstanceUID={study}",
+            "-k",
+            f"SeriesInstanceUID={series}",
+            LOOPBACK,
+            str(orthanc.dicom_port),
+        ]
+        series_path = f"/studies/{study}/series/{series}"
+        gw_url = f"{gateway.url}/dicomweb{series_path}"
+        orthanc_url = f"{orthanc.dicomweb_url}{series_path}"
+
+        report = Report(
+            rounds=args.rounds,
+            instances=len(files),
+            data_bytes=sum(p.stat().st_size for p in files),
+        )
+        report.setup = {
+            "orthanc_version": orthanc.rest_get("/system").get("Version", "?"),
+            "orthanc_load_seconds": round(load_s, 1),
+            "gateway_command": shlex.join(gateway.command).replace(str(work), "$TMP"),
+            "gateway_config": gateway.config_text.replace(str(work), "$TMP"),
+            "movescu": shlex.join(movescu_cmd).replace(study, "$ST").replace(series, "$SE"),
+            "storescp": shlex.join(storescp._command()).replace(str(work), "$TMP"),
+            "curl": f"curl -s -o /dev/null -H 'Accept: {ACCEPT}' -w "
+            "'%{http_code} %{time_starttransfer} %{time_total} %{size_download}' URL",
+        }
+        sizes: dict[str, int] = {}
+
+        def http_run(kind: str, url: str, round_number: int) -> Run:
+            moves_before = len(gateway.moves())
+            gw_cpu = _cpu_seconds(gateway.pid) if gateway.process else 0.0
+            or_cpu = _cpu_seconds(orthanc_pid)
+            result = curl_get(url)
+            run = Run(kind, round_number, result.total, result.ttfb, result.size)
+            run.orthanc_cpu = _cpu_seconds(orthanc_pid) - or_cpu
+            if kind in ("cold", "warm"):
+                run.gateway_cpu = _cpu_seconds(gateway.pid) - gw_cpu
+                new_moves = gateway.moves()[moves_before:]
+                if kind == "warm" and new_moves:
+                    raise RuntimeError(f"the warm request caused a C-MOVE: {new_moves}")
+                if kind == "cold":
+                    if len(new_moves) != 1 or int(new_moves[0]["completed"]) != len(files):
+                        raise RuntimeError(f"cold request: C-MOVEs logged {new_moves}")
+                    run.move_ms = float(new_moves[0]["ms"])
+            if result.status != 200:
+                raise RuntimeError(f"{kind}: HTTP {result.status}")
+            key = "orthanc" if kind == "orthanc" else "gateway"
+            if result.size != sizes[key]:
+                raise RuntimeError(f"{kind}: {result.size} body bytes, expected {sizes[key]}")
+            return run
+
+        def movescu_run(round_number: int) -> Run:
+            for entry in received.iterdir():
+                entry.unlink()
+            or_cpu = _cpu_seconds(orthanc_pid)
+            started = time.perf_counter()
+            out = subprocess.run(
+                movescu_cmd,
+                env=dcmtk_env(),
+                capture_output=True,
+                text=True,
+                timeout=CURL_TIMEOUT,
+                check=False,
+            )
+            elapsed = time.perf_counter() - started
+            count = sum(1 for entry in received.iterdir() if entry.is_file())
+            if out.returncode != 0 or count != len(files):
+                raise RuntimeError(
+                    f"movescu: exit {out.returncode}, {count} files\n{out.stdout}{out.stderr}"
+                )
+            run = Run("movescu", round_number, elapsed)
+            run.orthanc_cpu = _cpu_seconds(orthanc_pid) - or_cpu
+            return run
+
+        def gateway_pair(round_number: int) -> list[Run]:
+            gateway.restart_empty()
+            cold = http_run("cold", gw_url, round_number)
+            warm = http_run("warm", gw_url, round_number)
+            return [cold, warm]
+
+        def show(run: Run) -> None:
+            mb = report.data_bytes / 1e6
+            ttfb = f", TTFB {run.ttfb * 1000:5.1f} ms" if run.ttfb is not None else ""
+            cpu = f", gateway CPU {run.gateway_cpu * 1000:4.0f} ms" if run.gateway_cpu else ""
+            move = f", C-MOVE {run.move_ms:.0f} ms" if run.move_ms else ""
+            _log(
+                f"round {run.round} {run.kind:8s} {run.seconds * 1000:7.0f} ms "
+                f"{mb / run.seconds:6.0f} MB/s{ttfb}{cpu}{move}"
+            )
+
+        _log("verifying the responses and warming up (one run of each)")
+        gateway.restart_empty()
+        sizes["orthanc"] = verify_multipart(orthanc_url, expected)
+        sizes["gateway"] = verify_multipart(gw_url, expected)  # cold, through a C-MOVE
+        verify_multipart(gw_url, expected)  # warm
+        for run in [*gateway_pair(0), movescu_run(0), http_run("orthanc", orthanc_url, 0)]:
+            show(run)
+
+        load_before = os.getloadavg()
+        report.setup["load_before"] = load_before
+        for round_number in range(1, args.rounds + 1):
+            for target in _rotated(TARGETS, round_number):
+                if target == "gateway":
+                    runs = gateway_pair(round_number)
+                elif target == "movescu":
+                    runs = [movescu_run(round_number)]
+                else:
+                    runs = [http_run("orthanc", orthanc_url, round_number)]
+                for run in runs:
+                    report.runs.append(run)
+                    show(run)
+        report.setup["load_after_rounds"] = os.getloadavg()
+
+        if args.profile:
+            report.profile = profile_gateway(gateway, gw_url, len(files), args.profile_runs)
+
+        _log(f"(e) peak memory: a fresh gateway streams the {BIG_SERIES}-series study")
+        report.study = study_memory(gateway, study_uid_big, big_files, big_expected)
+        report.setup["load_after"] = os.getloadavg()
+        return report
+
+
+def study_memory(
+    gateway: GatewayProcess, study_uid: str, big_files: list[Path], expected: set[str]
+) -> dict[str, Any]:
+    data_bytes = sum(p.stat().st_size for p in big_files)
+    url = f"{gateway.url}/dicomweb/studies/{study_uid}"
+    gateway.restart_empty()
+    pid = gateway.pid
+    out: dict[str, Any] = {
+        "series": BIG_SERIES,
+        "instances": len(big_files),
+        "data_bytes": data_bytes,
+        "idle_rss_kb": _status_kb(pid, "VmRSS"),
+    }
+    for kind in ("cold", "warm"):
+        moves_before = len(gateway.moves())
+        cpu = _cpu_seconds(pid)
+        with RssSampler(pid) as sampler:
+            result = curl_get(url)
+        moves = gateway.moves()[moves_before:]
+        if result.status != 200 or result.size < data_bytes:
+            raise RuntimeError(f"study {kind}: HTTP {result.status}, {result.size} bytes")
+        if kind == "cold" and sum(int(m["completed"]) for m in moves) != len(big_files):
+            raise RuntimeError(f"study cold: C-MOVEs logged {moves}")
+        if kind == "warm" and moves:
+            raise RuntimeError(f"study warm: C-MOVEs logged {moves}")
+        out[kind] = {
+            "seconds": result.total,
+            "ttfb": result.ttfb,
+            "body_bytes": result.size,
+            "gateway_cpu": _cpu_seconds(pid) - cpu,
+            "vmhwm_kb": _status_kb(pid, "VmHWM"),
+            "sampled_peak_rss_kb": sampler.peak_kb,
+            "rss_after_kb": _status_kb(pid, "VmRSS"),
+            "moves": len(moves),
+            "move_ms": [float(m["ms"]) for m in moves],
+        }
+        _log(
+            f"study {kind}: {result.total:.2f} s, {data_bytes / result.total / 1e6:.0f} MB/s, "
+            f"TTFB {result.ttfb * 1000:.0f} ms, VmHWM {out[kind]['vmhwm_kb'] / 1024:.0f} MB, "
+            f"{len(moves)} C-MOVEs"
+        )
+    # The body, parsed once (warm, after VmHWM was read), holds every instance.
+    verify_multipart(url, expected)
+    return out
+
+
+def profile_gateway(gateway: GatewayProcess, url: str, instances: int, runs: int) -> dict[str, Any]:
+    """py-spy record on the gateway during ``runs`` cold and ``runs`` warm series
+    retrieves, once in wall mode (``--idle``: where each thread spends its time, waits
+    included) and once in GIL mode (``--gil``: who holds the interpreter).  One
+    py-spy per run: a cold run needs a fresh gateway process."""
+    out: dict[str, Any] = {}
+    RESULTS_PATH.parent.mkdir(parents=True, exist_ok=True)
+    for mode in ("wall", "gil"):
+        for kind in ("cold", "warm"):
+            path = RESULTS_PATH.parent / f"retrieve-pyspy-{mode}-{kind}.txt"
+            path.unlink(missing_ok=True)
+            seconds: list[float] = []
+            for number in range(runs):
+                if kind == "cold" or number == 0:
+                    gateway.restart_empty()
+                    if kind == "warm":
+                        curl_get(url)  # fill the cache, outside the profile
+                part = path.with_suffix(f".{number}")
+                spy = _spy(gateway.pid, part, duration=10, mode=mode)
+                if spy is None:
+                    return out
+                result = curl_get(url)
+                seconds.append(result.total)
+                spy.send_signal(signal.SIGINT)  # stop sampling, write the file
+                try:
+                    _, stderr = spy.communicate(timeout=30)
+                except subprocess.TimeoutExpired:
+                    spy.kill()
+                    _, stderr = spy.communicate()
+                if not part.exists():
+                    _log(f"py-spy wrote nothing: {stderr.decode(errors='replace')[-500:]}")
+                    return out
+                with path.open("a", encoding="utf-8") as merged:
+                    merged.write(part.read_text("utf-8", "replace"))
+                part.unlink()
+            out[f"{mode}-{kind}"] = {
+                "mode": mode,
+                "kind": kind,
+                "runs": runs,
+                "seconds": seconds,
+                "file": str(path.relative_to(REPO)),
+                **summarise_profile(path, instances * runs),
+            }
+            _log(
+                f"profile {mode} {kind}: {', '.join(f'{s * 1000:.0f}' for s in seconds)} ms, "
+                f"raw stacks in {path}"
+            )
+    return out
+
+
+# --------------------------------------------------------------------------- report
+
+
+def _machine() -> dict[str, Any]:
+    cpu = "?"
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    mem_kb = 0
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal:"):
+                mem_kb = int(line.split()[1])
+    return {
+        "nproc": os.cpu_count(),
+        "cpu": cpu,
+        "memory_gib": round(mem_kb / 1024**2, 1),
+        "kernel": platform.release(),
+        "load_start": os.getloadavg(),
+    }
+
+
+def _code() -> str:
+    """The commit measured, and whether app/ differs from it (others edit concurrently)."""
+    head = _sh(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"])
+    dirty = _sh(["git", "-C", str(REPO), "status", "--porcelain", "--", "app"]).splitlines()
+    if not dirty:
+        return f"commit {head}"
+    names = ", ".join(line.split(maxsplit=1)[-1] for line in dirty)
+    return f"commit {head} with uncommitted changes in {names}"
+
+
+def _versions() -> dict[str, str]:
+    versions = {"python": platform.python_version()}
+    for dist in ("dimse-gateway", "uvicorn", "fastapi", "starlette", "pydicom", "pynetdicom"):
+        with contextlib.suppress(metadata.PackageNotFoundError):
+            versions[dist] = metadata.version(dist)
+    dcmtk = re.search(r"v(\d+\.\d+\.\d+)", _sh(["movescu", "--version"]))
+    versions["dcmtk"] = dcmtk.group(1) if dcmtk else "?"
+    versions["curl"] = [*_sh(["curl", "--version"]).split(), "?", "?"][1]
+    return versions
+
+
+def _ms(seconds: float) -> str:
+    return f"{seconds * 1000:.0f}"
+
+
+def _load(values: Sequence[float]) -> str:
+    return " / ".join(f"{v:.2f}" for v in values)
+
+
+def summary(report: Report) -> dict[str, Any]:
+    mb = report.data_bytes / 1e6
+    med = {k: statistics.median(report.seconds(k)) for k in KINDS}
+    ttfb = [r.ttfb for r in report.of("cold") if r.ttfb is not None]
+    by_round: dict[str, list[float]] = {"cold": [], "warm": []}
+    for n in range(1, report.rounds + 1):
+        t = {r.kind: r.seconds for r in report.runs if r.round == n}
+        by_round["cold"].append(t["movescu"] / t["cold"])
+        by_round["warm"].append(t["orthanc"] / t["warm"])
+    return {
+        "mb": mb,
+        "median_s": med,
+        "mb_s": {k: mb / v for k, v in med.items()},
+        "cold_ratio": med["movescu"] / med["cold"],
+        "warm_ratio": med["orthanc"] / med["warm"],
+        "ratio_by_round": by_round,
+        "cold_ttfb_ms": statistics.median(ttfb) * 1000,
+        "study_vmhwm_mb": report.study["cold"]["vmhwm_kb"] / 1024 if report.study else None,
+    }
+
+
+def _verdict(ok: bool) -> str:
+    return "met" if ok else "**missed**"
+
+
+def render(
+    report: Report,
+    command: str,
+    started: _dt.datetime,
+    duration: float,
+    machine: dict[str, Any],
+    versions: dict[str, str],
+    code: str,
+) -> str:
+    s = summary(report)
+    med = s["median_s"]
+    setup = report.setup
+    study = report.study
+    lines = [
+        MARK_START,
+        "## WADO-RS retrieve: gateway cold and warm vs movescu/storescp and Orthanc WADO-RS",
+        "",
+        f"Written by `bench/retrieve.py` on {started:%Y-%m-%d %H:%M} UTC; "
+        f"{machine['nproc']} vCPU {machine['cpu']}, {machine['memory_gib']} GiB, Linux "
+        f"{machine['kernel']}; load average (1/5/15 min) {_load(machine['load_start'])} at the "
+        f"start, {_load(setup['load_after'])} at the end; "
+        + ", ".join(f"{k} {v}" for k, v in versions.items())
+        + f"; Orthanc {setup['orthanc_version']}; gateway code: {code}; command "
+        f"`{command}` ({duration:.0f} s).",
+        "",
+        "| aim | result | |",
+        "|---|---|---|",
+        f"| cold gateway throughput >= {AIM_COLD_RATIO}x movescu->storescp | "
+        f"**{s['cold_ratio']:.2f}x** (per round "
+        f"{min(s['ratio_by_round']['cold']):.2f} .. {max(s['ratio_by_round']['cold']):.2f}) | "
+        f"{_verdict(s['cold_ratio'] >= AIM_COLD_RATIO)} |",
+        f"| warm gateway throughput >= {AIM_WARM_RATIO:.0f}x Orthanc WADO-RS | "
+        f"**{s['warm_ratio']:.2f}x** (per round "
+        f"{min(s['ratio_by_round']['warm']):.2f} .. {max(s['ratio_by_round']['warm']):.2f}) | "
+        f"{_verdict(s['warm_ratio'] >= AIM_WARM_RATIO)} |",
+        f"| cold time to first byte < {AIM_TTFB_MS:.0f} ms | **{s['cold_ttfb_ms']:.0f} ms** "
+        f"(median) | {_verdict(s['cold_ttfb_ms'] < AIM_TTFB_MS)} |",
+    ]
+    if study:
+        hwm = study["cold"]["vmhwm_kb"] / 1024
+        lines.append(
+            f"| gateway peak RSS streaming a {study['data_bytes'] / 1e9:.2f} GB study cold "
+            f"< {AIM_RSS_MB:.0f} MB | **{hwm:.0f} MB** VmHWM | {_verdict(hwm < AIM_RSS_MB)} |"
+        )
+    lines += [
+        "",
+        f"Series: the 300-slice 512x512 CT of `benchmark_ct()` ({report.instances} files, "
+        f"{s['mb']:.1f} MB), {report.rounds} interleaved rounds (order rotated each round) "
+        "after one warm-up of each; MB/s = the series' file bytes / median time (the "
+        "multipart bodies are 0.1 % larger).",
+        "",
+        "| run | median | min .. max | MB/s | TTFB median (min .. max) | gateway CPU "
+        "| Orthanc CPU |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for kind in KINDS:
+        runs = report.of(kind)
+        secs = [r.seconds for r in runs]
+        ttfbs = [r.ttfb * 1000 for r in runs if r.ttfb is not None]
+        ttfb = (
+            f"{statistics.median(ttfbs):.1f} ms ({min(ttfbs):.1f} .. {max(ttfbs):.1f})"
+            if ttfbs
+            else "-"
+        )
+        gw = [r.gateway_cpu for r in runs if r.gateway_cpu is not None]
+        oc = [r.orthanc_cpu for r in runs if r.orthanc_cpu is not None]
+        lines.append(
+            f"| {LABEL[kind]} | {_ms(med[kind])} ms | {_ms(min(secs))} .. {_ms(max(secs))} ms "
+            f"| {s['mb_s'][kind]:.0f} | {ttfb} | "
+            + (f"{_ms(statistics.median(gw))} ms" if gw else "-")
+            + " | "
+            + (f"{_ms(statistics.median(oc))} ms" if oc else "-")
+            + " |"
+        )
+    move_ms = [r.move_ms for r in report.of("cold") if r.move_ms is not None]
+    lines += [
+        "",
+        "Times per round (ms): "
+        + "; ".join(f"{k} " + ", ".join(_ms(x) for x in report.seconds(k)) for k in KINDS)
+        + ".  The C-MOVE inside the cold runs, as the gateway logged it (C-MOVE-RQ to final "
+        f"response): {', '.join(f'{m:.0f}' for m in move_ms)} ms.",
+    ]
+    if study:
+        c, w = study["cold"], study["warm"]
+        lines += [
+            "",
+            f"(e) Study of {study['series']} series ({study['instances']} files, "
+            f"{study['data_bytes'] / 1e9:.2f} GB), `GET /dicomweb/studies/{{st}}` by curl on "
+            "a fresh gateway process with an empty cache: "
+            f"cold {c['seconds']:.2f} s ({study['data_bytes'] / c['seconds'] / 1e6:.0f} MB/s, "
+            f"TTFB {c['ttfb'] * 1000:.0f} ms, {c['moves']} C-MOVEs, gateway CPU "
+            f"{c['gateway_cpu']:.1f} s), VmHWM **{c['vmhwm_kb'] / 1024:.0f} MB** (RSS idle "
+            f"before {study['idle_rss_kb'] / 1024:.0f} MB, sampled peak "
+            f"{c['sampled_peak_rss_kb'] / 1024:.0f} MB, after {c['rss_after_kb'] / 1024:.0f} "
+            f"MB); then warm {w['seconds']:.2f} s "
+            f"({study['data_bytes'] / w['seconds'] / 1e6:.0f} MB/s), VmHWM after it "
+            f"{w['vmhwm_kb'] / 1024:.0f} MB.",
+        ]
+    lines += [
+        "",
+        "Setup, all on 127.0.0.1: Orthanc (Debian) started by the script with "
+        "`TCP_NODELAY=1` in its environment and `SyncStorageArea: false` (ingest only; "
+        f"loading both studies took {setup['orthanc_load_seconds']} s).  The gateway runs as "
+        f"`{setup['gateway_command']}` in a session of its own; before every cold run it is "
+        "stopped, `work_dir/cache` deleted, the process started again and given one "
+        "request on the retrieve route with an invalid UID (400, no cache, no PACS: FastAPI "
+        "builds its route state on a process's first request, ~25 ms), none of it timed.  "
+        f"HTTP client: `{setup['curl']}` (TTFB = `time_starttransfer`, time = `time_total`).  "
+        f"Native ceiling: `TCP_NODELAY=1 {setup['movescu']}` into `{setup['storescp']}` "
+        "(TCP_NODELAY=1), timed as the movescu process's wall time, which includes DCMTK's "
+        "~20 ms start-up.  Checks: every HTTP answer 200 with the body size of a response "
+        "verified by parsing (300 parts, the expected SOPInstanceUIDs, closing delimiter); "
+        "each cold run logged exactly one C-MOVE with 300 completed sub-operations and each "
+        "warm run none; each movescu run exit 0 and 300 files.",
+        "",
+    ]
+    if report.profile:
+        lines += profile_lines(report.profile)
+        per_instance = {k: v * 1000 / report.instances for k, v in med.items()}
+        lines += findings_lines(
+            report.profile,
+            per_instance["movescu"],
+            report.instances,
+            per_instance["warm"],
+            per_instance["orthanc"] / AIM_WARM_RATIO,
+        )
+    lines += [MARK_END, ""]
+    return "\n".join(lines)
+
+
+def profile_lines(profile: dict[str, Any], top: int = 7) -> list[str]:
+    lines = [
+        f"py-spy `record --threads --rate {PYSPY_RATE} --nonblocking` on the gateway "
+        "process (`--profile`), in ms per instance; *wall* (`--idle`): where a thread "
+        "spends its time, waits for the network, the disk and the GIL included; *GIL* "
+        "(`--gil`): who holds the interpreter.  Functions are inclusive; the raw "
+        "collapsed stacks are in `bench/results/`.",
+        "",
+    ]
+    for data in profile.values():
+        runs = ", ".join(_ms(x) for x in data["seconds"])
+        lines.append(f"- {data['mode']}, {data['kind']} ({data['runs']} runs: {runs} ms):")
+        for thread, ms in data["threads_ms_per_instance"].items():
+            if data["mode"] == "wall" and not thread.startswith(("storescp-1", "MainThread")):
+                continue  # idle threads: their wall time is the recording's length
+            if ms < 0.02:
+                continue
+            functions = data["inclusive_ms_per_instance"].get(thread, [])[:top]
+            # In wall mode the event loop's total is the recording's length.
+            total = "" if data["mode"] == "wall" and thread == "MainThread" else f" {ms:.2f}"
+            lines.append(
+                f"  - `{thread}`{total}: "
+                + "; ".join(f"`{name}` {value:.2f}" for name, value in functions)
+            )
+    lines.append("")
+    return lines
+
+
+def _fn(profile: dict[str, Any], key: str, thread: str, function: str) -> float:
+    """ms per instance of ``function`` (a prefix) in threads starting with ``thread``."""
+    data = profile.get(key, {})
+    found = [
+        max(values)
+        for name, functions in data.get("inclusive_ms_per_instance", {}).items()
+        if name.startswith(thread)
+        and (values := [v for f, v in functions if f.startswith(function)])
+    ]
+    return sum(found) if found else math.nan  # formats as "nan": not in the profile
+
+
+def _thread_ms(profile: dict[str, Any], key: str, thread: str) -> float:
+    data = profile.get(key, {})
+    return float(
+        sum(
+            v
+            for name, v in data.get("threads_ms_per_instance", {}).items()
+            if name.startswith(thread)
+        )
+    )
+
+
+def findings_lines(
+    profile: dict[str, Any],
+    storescp_ms: float,
+    instances: int,
+    warm_ms: float,
+    warm_budget_ms: float,
+) -> list[str]:
+    """What the profile says, with its numbers (ms per instance)."""
+    if "wall-cold" not in profile or "gil-cold" not in profile:
+        return []
+
+    def w(thread: str, function: str) -> str:
+        return f"{_fn(profile, 'wall-cold', thread, function):.2f}"
+
+    def g(key: str, thread: str, function: str | None = None) -> float:
+        if function is None:
+            return _thread_ms(profile, key, thread)
+        return _fn(profile, key, thread, function)
+
+    scp = "storescp-1"
+    pynetdicom = g("gil-cold", "Thread-") + g("gil-cold", "dimse_")
+    gil_total = sum(profile["gil-cold"]["threads_ms_per_instance"].values())
+    lines = [
+        "Where the time goes (from the profile above, ms per instance):",
+        "",
+        f"- **Cold, the receive thread (the critical path).** Orthanc sends the next "
+        "instance only after our C-STORE-RSP, so everything the storage SCP's association "
+        f"thread does per instance adds up: {_thread_ms(profile, 'wall-cold', scp):.2f} in "
+        f"all, of which `Retriever.close` {w(scp, 'Retriever.close')} (its "
+        f"`_study_series`, a pydicom `dcmread` of the just-written file for the study and "
+        f"series UIDs, {w(scp, '_study_series')}; `InstanceCache.commit` (stat, rename, "
+        f"sqlite insert and commit) {w(scp, 'InstanceCache.commit')}), `Retriever.open` "
+        f"(uuid4 + open of the temp file) {w(scp, 'Retriever.open')}, "
+        f"`_Association._send` of the ~200-byte C-STORE-RSP {w(scp, '_Association._send ')}, "
+        f"`_Instance._write` of ~525 KB {w(scp, '_Instance._write')} and `_Association._recv` "
+        f"{w(scp, '_Association._recv')}.  A send of 200 bytes is microseconds of system "
+        "time: the rest of `_send` (and part of `_write`, `_recv` and `open`) is the thread "
+        "waiting to take the GIL back after the system call (an ad-hoc `py-spy --native` run "
+        "showed those samples in `pthread_cond_timedwait` right after the call).  DCMTK "
+        f"storescp's whole cycle is {storescp_ms:.2f} per instance (median movescu time / "
+        f"{instances}).",
+        f"- **Cold, who holds the GIL** ({gil_total:.2f} ms per instance held in all): the "
+        f"receive thread {g('gil-cold', scp):.2f} (`_study_series` "
+        f"{g('gil-cold', scp, '_study_series'):.2f}), pynetdicom's C-MOVE SCU threads "
+        f"{pynetdicom:.2f} (decoding one pending C-MOVE-RSP per sub-operation into pydicom "
+        f"Datasets: `DIMSEServiceProvider.receive_primitive` "
+        f"{g('gil-cold', 'Thread-', 'DIMSEServiceProvider.receive_primitive'):.2f}, "
+        f"`Association._wrap_get_move_responses` "
+        f"{g('gil-cold', 'dimse_', 'Association._wrap_get_move_responses'):.2f}) and the "
+        f"event loop streaming the parts {g('gil-cold', 'MainThread'):.2f}.  All of it is "
+        "serialised by one interpreter, and every GIL hand-over delays the receive thread.",
+        f"- **So**: 0.8x storescp means a cycle of at most {storescp_ms / AIM_COLD_RATIO:.2f} "
+        f"per instance; the receive thread took {_thread_ms(profile, 'wall-cold', scp):.2f} "
+        f"and the process holds the GIL {gil_total:.2f} per instance.  What would shorten "
+        "the critical path is less Python per arrival in this process (no `dcmread` of "
+        "every arrival, no pydicom decoding of 300 pending C-MOVE responses next to the "
+        "receive thread), not a faster network path.",
+    ]
+    if "gil-warm" in profile and "wall-warm" in profile:
+        main = "MainThread"
+        send_gil = g("gil-warm", main, "RequestResponseCycle.send")
+        lines.append(
+            "- **Warm**: one thread, the event loop, does everything.  Per part (wall): "
+            f"`_read` {g('wall-warm', main, '_read'):.2f} (the file into a fresh bytes "
+            "object: a kernel copy) and uvicorn's `RequestResponseCycle.send` "
+            f"{g('wall-warm', main, 'RequestResponseCycle.send'):.2f}, which the GIL "
+            f"profile finds holding the interpreter ({send_gil:.2f} in its own runs): the "
+            "response has no Content-Length, so it is chunked and "
+            "uvicorn joins chunk header, part and CRLF into a new bytes object (a second "
+            "user-space copy of every part) before `transport.write`.  2x Orthanc means at "
+            f"most {warm_budget_ms:.2f} per part; the warm runs took {warm_ms:.2f}."
+        )
+    lines.append("")
+    return lines
+
+
+def write_doc(section: str, path: Path = DOC_PATH) -> None:
+    """Replace our section of ``path`` (or append it), leaving the rest alone.  The
+    file is read right before writing: other scripts write their own sections."""
+    text = path.read_text(encoding="utf-8") if path.exists() else DOC_INTRO
+    start, end = text.find(MARK_START), text.find(MARK_END)
+    if start != -1 and end > start:
+        text = text[:start] + section + text[end + len(MARK_END) :].lstrip("\n")
+    else:
+        text = text.rstrip("\n") + "\n\n" + section
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text, encoding="utf-8")
+
+
+def render_saved(path: Path, *, write: bool) -> int:
+    """The Markdown section of a saved ``retrieve.json`` (same numbers, current wording)."""
+    data = json.loads(path.read_text(encoding="utf-8"))
+    report = Report(
+        rounds=data["rounds"],
+        instances=data["instances"],
+        data_bytes=data["data_bytes"],
+        runs=[Run(**run) for run in data["runs"]],
+        setup=data["setup"],
+        study=data["study"],
+        profile=data["profile"],
+    )
+    section = render(
+        report,
+        data["command"],
+        _dt.datetime.fromisoformat(data["started"]),
+        data["duration_s"],
+        data["machine"],
+        data["versions"],
+        data["code"],
+    )
+    print(section)
+    if write:
+        write_doc(section)
+        _log(f"wrote {DOC_PATH}")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="2 rounds instead of 5")
+    parser.add_argument("--rounds", type=int, help="interleaved rounds (default 5, --quick 2)")
+    parser.add_argument(
+        "--profile", action="store_true", help="py-spy the gateway on cold and warm runs"
+    )
+    parser.add_argument(
+        "--profile-runs", type=int, default=3, help="cold and warm runs profiled (default 3)"
+    )
+    parser.add_argument("--no-doc", action="store_true", help="do not touch docs/benchmarks.md")
+    parser.add_argument(
+        "--render-json",
+        type=Path,
+        help="no measuring: write the section again from a results file of this script",
+    )
+    args = parser.parse_args(argv)
+    if args.render_json:
+        return render_saved(args.render_json, write=not args.no_doc)
+    if args.rounds is None:
+        args.rounds = 2 if args.quick else 5
+    if args.rounds < 1:
+        parser.error("--rounds must be at least 1")
+    started = _dt.datetime.now(_dt.UTC)
+    machine = _machine()
+    versions = _versions()
+    code = _code()
+    t0 = time.monotonic()
+    report = measure(args)
+    duration = time.monotonic() - t0
+    command = shlex.join([".venv/bin/python", "-m", "bench.retrieve", *(argv or sys.argv[1:])])
+    section = render(report, command, started, duration, machine, versions, code)
+    print(section)
+    RESULTS_PATH.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS_PATH.write_text(
+        json.dumps(
+            {
+                "started": started.isoformat(),
+                "command": command,
+                "duration_s": duration,
+                "machine": machine,
+                "versions": versions,
+                "code": code,
+                "summary": summary(report),
+                **asdict(report),
+            },
+            indent=2,
+        ),
+        encoding="utf-8",
+    )
+    _log(f"wrote {RESULTS_PATH}")
+    if not args.no_doc:
+        write_doc(section)
+        _log(f"wrote {DOC_PATH}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
