@@ -73,9 +73,12 @@ async def _multipart_instances(
     delivery: Delivery,
     negotiated: Negotiated,
 ) -> Response:
-    warning = await delivery.prepare()
     boundary = multipart.new_boundary()
     base = _base(request)
+    cached = await delivery.all_cached()
+    if cached is not None and all(_as_stored(inst, negotiated) for inst in cached):
+        return _cached_multipart(cached, boundary, base)
+    warning = await delivery.prepare()
 
     async def body() -> AsyncIterator[bytes]:
         sent = 0
@@ -113,6 +116,51 @@ async def _multipart_instances(
         status_code=206 if warning else 200,
         media_type=multipart.content_type(boundary, "application/dicom"),
         headers=headers,
+    )
+
+
+def _as_stored(inst: CachedInstance, negotiated: Negotiated) -> bool:
+    ts = negotiated.transfer_syntax
+    return ts is None or ts == "*" or ts == inst.transfer_syntax
+
+
+def _cached_multipart(cached: list[CachedInstance], boundary: str, base: str) -> Response:
+    """A complete cached retrieve sent as stored, with a Content-Length.
+
+    Knowing the length up front lets uvicorn send each part as it is instead of
+    copying it into a chunked frame, and lets the client see the size.
+    """
+    headers = [
+        multipart.part_header(
+            boundary,
+            f"application/dicom; transfer-syntax={inst.transfer_syntax}",
+            _instance_url(base, inst),
+            inst.size,
+        )
+        for inst in cached
+    ]
+    trailer = multipart.part_trailer()
+    closing = multipart.closing(boundary)
+    length = sum(len(h) + inst.size + len(trailer) for h, inst in zip(headers, cached, strict=True))
+    length += len(closing)
+
+    async def body() -> AsyncIterator[bytes]:
+        for head, inst in zip(headers, cached, strict=True):
+            payload = _read(inst.path)
+            if len(payload) != inst.size:
+                # Evicted or replaced since it was listed: end short rather than lie.
+                log.error("cached instance %s changed while being sent", inst.sop_uid)
+                return
+            yield head
+            yield payload
+            yield trailer
+            await asyncio.sleep(0)
+        yield closing
+
+    return StreamingResponse(
+        body(),
+        media_type=multipart.content_type(boundary, "application/dicom"),
+        headers={"Content-Length": str(length)},
     )
 
 

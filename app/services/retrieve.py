@@ -496,6 +496,16 @@ class Delivery:
             )
         return self._sources[index]
 
+    async def all_cached(self) -> list[CachedInstance] | None:
+        """Every instance, if every series is complete in the cache; starts no move."""
+        out: list[CachedInstance] = []
+        for series in self.series:
+            cached = await asyncio.to_thread(self.retriever.cache.series, series)
+            if cached is None:
+                return None
+            out.extend(cached)
+        return out
+
     async def prepare(self) -> str | None:
         """Raise if nothing can be delivered; return a Warning text for a partial result."""
         source = await self._source(0)
