@@ -19,6 +19,7 @@ from pynetdicom import AE, evt
 from pynetdicom.association import Association
 
 from app.demo import DemoPacsError, QrscpProcess, load_demo_data, store_files
+from app.dimse.pool import quiesce_reactor
 from app.sampledata import ct_series, derive_uid, sample_patients, write_datasets
 
 pytestmark = pytest.mark.integration
@@ -294,6 +295,7 @@ def test_move_to_configured_destination(tmp_path: Path) -> None:
                     status.Status
                     for status, _ in assoc.send_c_move(query, "GWRECV", STUDY_ROOT_MOVE)
                 ]
+                assert quiesce_reactor(assoc)  # second operation on this association
                 unknown = [
                     status.Status
                     for status, _ in assoc.send_c_move(query, "NOBODY", STUDY_ROOT_MOVE)

@@ -47,6 +47,8 @@ from pynetdicom.sop_class import (
     Verification,
 )
 
+from app.dimse.pool import quiesce_reactor
+
 LOOPBACK = "127.0.0.1"
 
 # --------------------------------------------------------------------------- ports
@@ -186,6 +188,10 @@ class FindSession:
         if "QueryRetrieveLevel" not in query:
             query.QueryRetrieveLevel = level
         answers: list[Dataset] = []
+        # The same pynetdicom reactor race the gateway guards against (issue 875):
+        # without this, a loaded machine loses the first answer now and then.
+        if not quiesce_reactor(self.assoc):
+            raise ConnectionError("C-FIND: association not responsive")
         for status, identifier in self.assoc.send_c_find(query, self.model):
             if not status:
                 raise ConnectionError("C-FIND: association aborted or no response")
