@@ -460,7 +460,7 @@ def incomplete_message(fetch: Fetch) -> str:
         return "the retrieve did not finish"
     p = result.progress
     return (
-        f"C-MOVE ended with status 0x{result.status:04X}: {len(fetch.arrived)} instances "
+        f"the retrieve ended with status 0x{result.status:04X}: {len(fetch.arrived)} instances "
         f"arrived, {p.failed} failed, {p.warning} with warnings"
         + (f", {p.remaining} not attempted" if p.remaining else "")
     )
