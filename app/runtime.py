@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
+import sys
 from concurrent.futures import ThreadPoolExecutor
 
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
@@ -84,6 +85,11 @@ class Gateway:
         return address in self._senders.get(calling_ae, set())
 
     async def start(self) -> None:
+        # Receive threads hand the GIL back and forth with the event loop and
+        # pynetdicom's threads for every instance; the default 5 ms switch
+        # interval left them waiting (py-spy: 43 % of the receive thread's
+        # samples in the GIL wait; 0.5 ms made cold retrieves ~17 % faster).
+        sys.setswitchinterval(0.0005)
         for pool in self.pools.values():
             pool.start()
         self.storage.start()

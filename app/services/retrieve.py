@@ -36,6 +36,7 @@ from app.dimse.get import GetAssociationRejected, GetModel, GetUnsupported, c_ge
 from app.dimse.move import MoveModel, MoveResult, c_move, raise_for_refusal
 from app.dimse.pool import AssociationPool
 from app.dimse.storescp import IncomingInstance
+from app.dimse.uidscan import part10_study_series
 from app.errors import AssociationAborted, GatewayError, NotFound, PacsError
 
 log = logging.getLogger(__name__)
@@ -397,7 +398,7 @@ class Retriever:
             temp.unlink(missing_ok=True)
             return STATUS_WRITE_FAILED
         try:
-            study, series = _study_series(temp)
+            study, series = _study_series(temp, incoming.transfer_syntax_uid)
             if not fetch.target.covers(study, series, incoming.sop_instance_uid):
                 log.warning(
                     "refused %s: it belongs to study %s series %s, not to what retrieve %d "
@@ -447,7 +448,13 @@ class _TempFile(io.FileIO):
         self.fetch = fetch
 
 
-def _study_series(path: Path) -> tuple[str, str]:
+def _study_series(path: Path, transfer_syntax: str) -> tuple[str, str]:
+    """The UIDs the file itself declares: a header walk, pydicom when it cannot."""
+    with open(path, "rb") as f:
+        head = f.read(65536)
+    found = part10_study_series(head, transfer_syntax)
+    if found is not None:
+        return found
     ds = dcmread(
         path, stop_before_pixels=True, specific_tags=["StudyInstanceUID", "SeriesInstanceUID"]
     )
