@@ -124,6 +124,28 @@ def _as_stored(inst: CachedInstance, negotiated: Negotiated) -> bool:
     return ts is None or ts == "*" or ts == inst.transfer_syntax
 
 
+def _read_part(head: bytes, inst: CachedInstance, trailer: bytes) -> memoryview | None:
+    """One whole part in one fresh buffer: header, file, trailer.
+
+    One message per part and no copy beyond the read itself: gluing bytes
+    objects together (or sending three messages) costs a third of a warm
+    retrieve's time.  Page-cache reads are cheaper than a thread hop.
+    """
+    start, end = len(head), len(head) + inst.size
+    buf = bytearray(end + len(trailer))
+    buf[:start] = head
+    view = memoryview(buf)
+    try:
+        with open(inst.path, "rb", buffering=0) as f:
+            got = f.readinto(view[start:end])
+    except FileNotFoundError:
+        return None
+    if got != inst.size:
+        return None
+    buf[end:] = trailer
+    return view
+
+
 def _cached_multipart(cached: list[CachedInstance], boundary: str, base: str) -> Response:
     """A complete cached retrieve sent as stored, with a Content-Length.
 
@@ -144,16 +166,15 @@ def _cached_multipart(cached: list[CachedInstance], boundary: str, base: str) ->
     length = sum(len(h) + inst.size + len(trailer) for h, inst in zip(headers, cached, strict=True))
     length += len(closing)
 
-    async def body() -> AsyncIterator[bytes]:
+    async def body() -> AsyncIterator[bytes | memoryview]:
         for head, inst in zip(headers, cached, strict=True):
-            payload = _read(inst.path)
-            if len(payload) != inst.size:
+            part = _read_part(head, inst, trailer)
+            if part is None:
                 # Evicted or replaced since it was listed: end short rather than lie.
                 log.error("cached instance %s changed while being sent", inst.sop_uid)
                 return
-            yield head
-            yield payload
-            yield trailer
+            yield part
+            # A warm stream would otherwise never yield the loop (PEERS.md).
             await asyncio.sleep(0)
         yield closing
 
