@@ -9,12 +9,13 @@
     ├── NotFound                  nothing there (404)
     │   └── UnknownNode           no PACS configured under that name
     ├── PoolExhausted             no association free within the wait limit (503)
-    └── PacsError                 the PACS did not do what was asked
-        ├── PacsUnavailable       cannot connect (503)
-        ├── AssociationRejected   A-ASSOCIATE-RJ (502)
-        ├── AssociationAborted    A-ABORT or connection lost mid-operation (502)
-        ├── DimseTimeout          no answer within the configured time (504)
-        └── PacsFailureStatus     a DIMSE failure status; keeps code and comment (502)
+    ├── PacsError                 the PACS did not do what was asked
+    │   ├── PacsUnavailable       cannot connect (503)
+    │   ├── AssociationRejected   A-ASSOCIATE-RJ (502)
+    │   ├── AssociationAborted    A-ABORT or connection lost mid-operation (502)
+    │   ├── DimseTimeout          no answer within the configured time (504)
+    │   └── PacsFailureStatus     a DIMSE failure status; keeps code and comment (502)
+    └── ConversionError           no honest single volume (NIfTI); keeps the reason (422)
 """
 
 from __future__ import annotations
@@ -104,3 +105,16 @@ class PacsFailureStatus(PacsError):
         self.operation = operation
         self.status = status
         self.comment = comment
+
+
+class ConversionError(GatewayError):
+    """The series cannot be converted into one honest volume (NIfTI); ``reason`` says why.
+
+    Raised for what a converter must not paper over: mixed orientations, matrix
+    sizes, echoes or image types, missing or unevenly spaced slices, gantry tilt
+    (sheared geometry), non-image objects and layouts that are not supported.
+    """
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(f"cannot convert the series to one volume: {reason}")
+        self.reason = reason
