@@ -63,9 +63,10 @@ class CachedInstance:
 class InstanceCache:
     """Thread-safe: the storage SCP's threads write, request handlers read."""
 
-    def __init__(self, root: Path, *, max_bytes: int) -> None:
+    def __init__(self, root: Path, *, max_bytes: int, protect_recent: float = 60.0) -> None:
         self.root = root
         self.max_bytes = max_bytes
+        self.protect_recent = protect_recent
         self._files = root / "instances"
         self._tmp = root / "tmp"
         self._files.mkdir(parents=True, exist_ok=True)
@@ -146,6 +147,7 @@ class InstanceCache:
             self._db.execute(
                 "UPDATE instances SET last_access = ? WHERE sop_uid = ?", (time.time(), sop_uid)
             )
+            self._db.commit()
         return self._checked(row)
 
     def series(self, series_uid: str) -> list[CachedInstance] | None:
@@ -171,6 +173,7 @@ class InstanceCache:
                 "UPDATE instances SET last_access = ? WHERE series_uid = ?",
                 (time.time(), series_uid),
             )
+            self._db.commit()
         out = [self._checked(r) for r in rows]
         if any(i is None for i in out):
             return None
@@ -216,13 +219,23 @@ class InstanceCache:
     def evict(self) -> int:
         """Remove least recently used instances until under ``max_bytes``."""
         removed = 0
+        # Instances touched in the last minute may be on their way to a client
+        # (a retrieve larger than the cache): the bound is exceeded for a while
+        # rather than a stream losing the file it is about to send.
+        recent = time.time() - self.protect_recent
         while self._bytes > self.max_bytes:
             with self._lock:
                 rows = self._db.execute(
                     "SELECT sop_uid, study_uid, series_uid FROM instances "
-                    "ORDER BY last_access LIMIT 64"
+                    "WHERE last_access < ? ORDER BY last_access LIMIT 64",
+                    (recent,),
                 ).fetchall()
             if not rows:
+                log.warning(
+                    "cache holds %d bytes, over its %d byte bound, all of it in use",
+                    self._bytes,
+                    self.max_bytes,
+                )
                 break
             for sop, study, series in rows:
                 self.path_for(study, series, sop).unlink(missing_ok=True)

@@ -106,7 +106,7 @@ class Settings(BaseSettings):
     work_dir: Path = Path("/var/lib/dimse-gateway")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     # The instance cache under work_dir; least recently used instances go first.
-    cache_max_bytes: int = Field(default=20 * 1024**3, ge=0)
+    cache_max_bytes: int = Field(default=20 * 1024**3, ge=64 * 1024**2)
     # Announced to PACS that send us instances: larger PDUs mean fewer round trips.
     storage_max_pdu: int = Field(default=1024 * 1024, ge=16384)
     nodes: list[PacsNode] = Field(default_factory=list)

@@ -19,7 +19,7 @@ from app.dicomweb import multipart
 from app.dicomweb.accept import Negotiated, ResourceKind, negotiate
 from app.dicomweb.json import dumps
 from app.dicomweb.query import check_uid
-from app.errors import InvalidRequest, NotFound
+from app.errors import GatewayError, InvalidRequest, NotFound
 from app.runtime import Gateway
 from app.services.retrieve import Delivery
 from app.services.studies import series_of_study
@@ -38,9 +38,9 @@ def _negotiate(request: Request, kind: ResourceKind, *, single: bool = False) ->
 
 
 def _base(request: Request) -> str:
-    path = request.url.path
-    marker = "/dicomweb"
-    return str(request.base_url).rstrip("/") + path[: path.index(marker) + len(marker)]
+    root = str(request.base_url).rstrip("/")
+    node = request.path_params.get("node")
+    return f"{root}/pacs/{node}/dicomweb" if node else f"{root}/dicomweb"
 
 
 def _instance_url(base: str, inst: CachedInstance) -> str:
@@ -83,8 +83,14 @@ async def _multipart_instances(
     async def body() -> AsyncIterator[bytes]:
         sent = 0
         async for inst in delivery:
-            data, ts = await _part_body(inst, negotiated)
-            payload = _read(data) if isinstance(data, Path) else data
+            try:
+                data, ts = await _part_body(inst, negotiated)
+                payload = _read(data) if isinstance(data, Path) else data
+            except (OSError, GatewayError) as exc:
+                # Headers are gone: the only honest signal left is an
+                # unterminated body (no closing delimiter).
+                log.error("retrieve of %s stopped at %s: %s", delivery.study, inst.sop_uid, exc)
+                return
             yield multipart.part_header(
                 boundary,
                 f"application/dicom; transfer-syntax={ts}",
@@ -243,7 +249,9 @@ async def retrieve_instance(
 # -- metadata ----------------------------------------------------------------
 
 
-async def _metadata(request: Request, instances: list[CachedInstance]) -> Response:
+async def _metadata(
+    request: Request, instances: list[CachedInstance], warning: str | None = None
+) -> Response:
     base = _base(request)
 
     def one(inst: CachedInstance) -> dict[str, Any]:
@@ -257,15 +265,26 @@ async def _metadata(request: Request, instances: list[CachedInstance]) -> Respon
         return dicom_files.metadata(inst.path, bulk_uri)
 
     objs = await asyncio.gather(*(asyncio.to_thread(one, inst) for inst in instances))
+    if warning:
+        # Some instances are missing (PS3.18 Table 10.4.3-1: 206 Partial Content).
+        return Response(
+            dumps(list(objs)),
+            status_code=206,
+            media_type=DICOM_JSON,
+            headers={"Warning": f"299 {SERVICE}: {warning}"},
+        )
     return Response(dumps(list(objs)), media_type=DICOM_JSON)
 
 
-async def _all_of(delivery: Delivery) -> list[CachedInstance]:
+async def _all_of(delivery: Delivery) -> tuple[list[CachedInstance], str | None]:
+    """Every instance of the delivery, and a Warning text if some are missing."""
     await delivery.prepare()
     out = [inst async for inst in delivery]
-    if not delivery.complete:
-        raise NotFound("; ".join(delivery.problems) or "the retrieve did not complete")
-    return out
+    if delivery.complete:
+        return out, None
+    if not out and delivery.errors:
+        raise delivery.errors[0]
+    return out, "; ".join(delivery.problems) or "the retrieve did not complete"
 
 
 @router.get("/studies/{study}/metadata", summary="Metadata of a study's instances")
@@ -277,8 +296,8 @@ async def study_metadata(
     series = await series_of_study(gateway, node, study)
     if not series:
         raise NotFound(f"study {study} was not found on {node.name!r}")
-    instances = await _all_of(Delivery(gateway.retriever, node, study, series))
-    return await _metadata(request, instances)
+    instances, warning = await _all_of(Delivery(gateway.retriever, node, study, series))
+    return await _metadata(request, instances, warning)
 
 
 @router.get("/studies/{study}/series/{series}/metadata", summary="Metadata of a series")
@@ -288,8 +307,8 @@ async def series_metadata(
     check_uid("study", study)
     check_uid("series", series)
     _negotiate(request, ResourceKind.METADATA)
-    instances = await _all_of(Delivery(gateway.retriever, node, study, [series]))
-    return await _metadata(request, instances)
+    instances, warning = await _all_of(Delivery(gateway.retriever, node, study, [series]))
+    return await _metadata(request, instances, warning)
 
 
 @router.get(

@@ -40,9 +40,9 @@ class _NotAcceptable(NotAcceptable):
 
 
 def _base_url(request: Request) -> str:
-    path = request.url.path
-    marker = "/dicomweb"
-    return str(request.base_url).rstrip("/") + path[: path.index(marker) + len(marker)]
+    root = str(request.base_url).rstrip("/")
+    node = request.path_params.get("node")
+    return f"{root}/pacs/{node}/dicomweb" if node else f"{root}/dicomweb"
 
 
 def _retrieve_url(base: str, level: Level, obj: dict[int, str]) -> str | None:

@@ -277,16 +277,22 @@ class AssociationPool:
         loop = asyncio.get_running_loop()
         node = self.node
         started = time.monotonic()
+        opening = loop.run_in_executor(
+            self._executor,
+            lambda: self._ae.associate(
+                node.host,
+                node.port,
+                ae_title=node.ae_title,
+                evt_handlers=[(evt.EVT_CONN_OPEN, set_tcp_nodelay)],
+            ),
+        )
         try:
-            assoc: Association = await loop.run_in_executor(
-                self._executor,
-                lambda: self._ae.associate(
-                    node.host,
-                    node.port,
-                    ae_title=node.ae_title,
-                    evt_handlers=[(evt.EVT_CONN_OPEN, set_tcp_nodelay)],
-                ),
-            )
+            assoc: Association = await asyncio.shield(opening)
+        except asyncio.CancelledError:
+            # The caller left (client gone) while the thread still negotiates:
+            # whatever it opens must not linger on the PACS until its timeout.
+            opening.add_done_callback(self._release_orphan)
+            raise
         except OSError as exc:
             # pynetdicom lets name resolution errors through (a PACS host that a
             # container network forgot while the PACS restarts).
@@ -316,6 +322,11 @@ class AssociationPool:
         )
         self._last_error = message
         raise PacsUnavailable(node.name, message)
+
+    def _release_orphan(self, opening: asyncio.Future[Association]) -> None:
+        if opening.cancelled() or opening.exception() is not None:
+            return
+        self._executor.submit(_release, opening.result())
 
     def _discard(self, lease: Lease, *, abort: bool) -> None:
         self._discarded += 1

@@ -203,10 +203,27 @@ class Retriever:
         return found
 
     async def _wait_for(self, fetch: Fetch, sop: str) -> CachedInstance | None:
-        async for inst in fetch.instances():
-            if inst.sop_uid == sop:
-                return inst
-        return None
+        fetch.subscribers += 1
+        try:
+            async for inst in fetch.instances():
+                if inst.sop_uid == sop:
+                    return inst
+            return None
+        finally:
+            fetch.subscribers -= 1
+            self.abandon(fetch)
+
+    def abandon(self, fetch: Fetch) -> None:
+        """Stop a move nobody waits for any more (C-CANCEL).
+
+        It leaves the single-flight table at once, so a request arriving while
+        the PACS winds down starts a fresh move instead of joining a cancelled one.
+        """
+        if fetch.subscribers > 0 or fetch.done:
+            return
+        fetch.cancel.set()
+        if self._fetches.get(fetch.target) is fetch:
+            del self._fetches[fetch.target]
 
     # -- the move ----------------------------------------------------------
 
@@ -493,6 +510,7 @@ class Delivery:
         self.study = study
         self.series = series
         self.problems: list[str] = []
+        self.errors: list[GatewayError] = []
         self.complete = True
         self._sources: dict[int, Source] = {}
 
@@ -519,10 +537,16 @@ class Delivery:
         if isinstance(source, list):
             return None
         fetch = source
-        while not fetch.arrived and not fetch.done:
-            await fetch.changed()
+        # Counted while waiting: a client that leaves the stream meanwhile must
+        # not cancel a move this request is about to read.
+        fetch.subscribers += 1
+        try:
+            while not fetch.arrived and not fetch.done:
+                await fetch.changed()
+        finally:
+            fetch.subscribers -= 1
         if fetch.arrived:
-            if fetch.done and fetch.missing:
+            if fetch.done and (fetch.error is not None or fetch.missing):
                 return incomplete_message(fetch)
             return None
         if fetch.error is not None:
@@ -551,10 +575,10 @@ class Delivery:
                 if fetch.error is not None or fetch.missing:
                     self.complete = False
                     self.problems.append(f"series {series}: {incomplete_message(fetch)}")
+                    if fetch.error is not None:
+                        self.errors.append(fetch.error)
                 fetch = None
         finally:
             if fetch is not None:
                 fetch.subscribers -= 1
-                if fetch.subscribers <= 0 and not fetch.done:
-                    # Nobody else wants this move any more: stop the PACS (C-CANCEL).
-                    fetch.cancel.set()
+                self.retriever.abandon(fetch)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 from dataclasses import dataclass, field
 
 from pydicom.dataset import Dataset
@@ -66,7 +67,6 @@ class Searcher:
         self.model = QueryModel.STUDY_ROOT if self.study_root else QueryModel.PATIENT_ROOT
         self.warnings: list[str] = list(query.warnings)
         self._unjudged: set[str] = set()
-        self._budget = node.max_results
         self._capped = False
         # The target-level C-FIND was cancelled once offset+limit+1 matches arrived.
         self._cut = False
@@ -102,8 +102,10 @@ class Searcher:
         if q.contradictory:
             return SearchResult(warnings=self.warnings)
         want = None if q.limit is None else q.offset + q.limit + 1
-        if any(k.tag in _DERIVABLE_STUDY for k in self._by_level[Level.STUDY]):
-            # Those keys may only be judged after derivation: no early stop.
+        below = [lvl for lvl in Level if lvl.depth > q.level.depth and self._by_level[lvl]]
+        if below or any(k.tag in _DERIVABLE_STUDY for k in self._by_level[Level.STUDY]):
+            # Those keys are judged after the target level's C-FIND (derived
+            # attributes, sub-searches): stopping it early could lose matches.
             want = None
         rows: list[_Row] = [_Row(uids={}, data={})]
         chain = self._chain()
@@ -148,12 +150,16 @@ class Searcher:
         """Query *level* under each row; the answers become the new rows."""
         return_tags = self._return_tags(level)
         keys = [self._sent(k) for k in self._by_level[level]]
+        # One budget for the whole level, shared by the parallel C-FINDs of a
+        # fan-out, so that no search holds more than max_results answers.
+        budget = [self.node.max_results]
+        budget_lock = threading.Lock()
 
         async def one(row: _Row) -> list[_Row]:
             parents = [_unique_match(lvl, uid) for lvl, uid in row.uids.items()]
             ident = build_identifier(level, [*parents, *keys], return_tags)
             limit = want if len(rows) == 1 else None
-            cap = min(self._budget, limit) if limit else self._budget
+            cap = min(self.node.max_results, limit) if limit else self.node.max_results
             unique = UNIQUE_KEY[level]
             accepted: set[str] = set()
 
@@ -164,6 +170,11 @@ class Searcher:
                 uid = _text(ds, unique)
                 if not uid or uid in accepted or not self._accept(ds, level):
                     return False
+                with budget_lock:
+                    if budget[0] <= 0:
+                        self._capped = True
+                        return False
+                    budget[0] -= 1
                 accepted.add(uid)
                 # Decode here, on the C-FIND's thread, not on the event loop.
                 _decode(ds)
@@ -185,11 +196,7 @@ class Searcher:
         results: list[_Row] = []
         for chunk in await asyncio.gather(*(one(r) for r in rows)):
             results.extend(chunk)
-            self._budget_use(len(chunk))
         return results
-
-    def _budget_use(self, n: int) -> None:
-        self._budget = max(1, self._budget - n)
 
     def _sent(self, key: MatchKey) -> MatchKey:
         """The key as the PACS sees it.

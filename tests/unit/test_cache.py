@@ -57,7 +57,7 @@ def test_series_complete_needs_every_instance(tmp_path: Path) -> None:
 
 
 def test_least_recently_used_go_first(tmp_path: Path) -> None:
-    cache = InstanceCache(tmp_path, max_bytes=250)
+    cache = InstanceCache(tmp_path, max_bytes=250, protect_recent=0)
     _put(cache, "1.2.3.4.1", 100)
     time.sleep(0.01)
     _put(cache, "1.2.3.4.2", 100)
@@ -91,3 +91,12 @@ def test_paths_only_from_valid_uids(tmp_path: Path, bad: str) -> None:
     cache = InstanceCache(tmp_path, max_bytes=10_000)
     with pytest.raises(ValueError):
         cache.path_for(STUDY, SERIES, bad)
+
+
+def test_instances_in_use_are_not_evicted(tmp_path: Path) -> None:
+    """A retrieve larger than the cache must not lose the files it is streaming."""
+    cache = InstanceCache(tmp_path, max_bytes=150)
+    for i in range(3):
+        _put(cache, f"1.2.3.4.{i}", 100)
+    assert all(cache.get(f"1.2.3.4.{i}") is not None for i in range(3))
+    assert cache.size_bytes == 300
