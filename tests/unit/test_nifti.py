@@ -234,6 +234,43 @@ def test_integral_rescale_beyond_int16_widens(tmp_path: Path) -> None:
     assert float(volume.voxels.max()) == top
 
 
+@pytest.mark.parametrize(("intercept", "dtype"), [(-40000, np.float32), (70000, np.float32)])
+def test_ct_intercept_beyond_16_bits_gives_float(
+    tmp_path: Path, intercept: int, dtype: type
+) -> None:
+    datasets = _ct(slices=4)
+    for ds in datasets:
+        ds.RescaleIntercept = str(intercept)
+    volume = build_volume(_write(datasets, tmp_path))
+    assert volume.voxels.dtype == dtype
+    expected = np.stack(
+        [ds.pixel_array.astype(np.int64) + intercept for ds in _by_position(datasets)]
+    )
+    np.testing.assert_array_equal(volume.voxels, expected)
+
+
+def test_ct_intercept_into_uint16_range(tmp_path: Path) -> None:
+    datasets = _ct(slices=4)
+    for ds in datasets:
+        ds.RescaleIntercept = "40000"
+    volume = build_volume(_write(datasets, tmp_path))
+    assert volume.voxels.dtype == np.uint16
+    expected = np.stack([ds.pixel_array.astype(np.int64) + 40000 for ds in _by_position(datasets)])
+    np.testing.assert_array_equal(volume.voxels, expected)
+
+
+def test_large_arrays_are_mapped_and_writable() -> None:
+    from app.convert.nifti import _allocate
+
+    array = _allocate((40, 512, 512), np.dtype(np.int16))  # 21 MB: mapped, pages populated
+    assert array.shape == (40, 512, 512) and array.dtype == np.int16
+    assert array.flags.writeable and array.flags.c_contiguous
+    array[...] = 7
+    assert int(array.sum()) == 7 * 40 * 512 * 512
+    small = _allocate((2, 8, 8), np.dtype(np.float32))
+    assert small.shape == (2, 8, 8) and small.flags.writeable
+
+
 def test_uint16_kept_when_values_exceed_int16(tmp_path: Path) -> None:
     datasets = _mr(slices=3)
     for ds in datasets:
