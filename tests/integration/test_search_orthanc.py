@@ -286,3 +286,17 @@ def test_text_wildcards_are_case_sensitive(
     theirs_desc = {o["0008103E"]["Value"][0] for o in _json(theirs)}
     assert ours_desc == {d for d in theirs_desc if d.startswith("t2")}
     assert theirs_desc - ours_desc == {"T2 TSE oblique"}
+
+
+def test_limit_with_a_series_key_in_a_study_search(
+    gateway: GatewayServer, orthanc_peer: OrthancPeer
+) -> None:
+    """Regression: the study C-FIND was cut at limit+1 answers before the series
+    key was checked, so a match further down the PACS's list went missing."""
+    resp = _get(
+        f"{gateway.dicomweb}/studies", [("SeriesDescription", "t2_tse_obl"), ("limit", "1")]
+    )
+    found = [o[STUDY_UID]["Value"][0] for o in _json(resp)]
+    assert len(found) == 1
+    series = _json(_get(f"{gateway.dicomweb}/studies/{found[0]}/series"))
+    assert any(s.get("0008103E", {}).get("Value") == ["t2_tse_obl"] for s in series)
