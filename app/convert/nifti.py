@@ -547,7 +547,8 @@ def _classic_frames(src: _Source) -> list[_Frame]:
     common: dict[str, Any] = {
         "orientation": orientation,
         "pixel_spacing": spacing,
-        "slope": _number(_text(ds, "RescaleSlope"), 1.0),
+        # A zero slope is invalid DICOM; like a missing one it means "no scaling".
+        "slope": _number(_text(ds, "RescaleSlope"), 1.0) or 1.0,
         "intercept": _number(_text(ds, "RescaleIntercept"), 0.0),
         "echo": _echo_key(_text(ds, "EchoNumbers"), _text(ds, "EchoTime")),
         "image_type": _image_type(_text(ds, "ImageType")),
@@ -627,7 +628,7 @@ def _enhanced_frames(src: _Source) -> list[_Frame]:
                 spacing,
                 src.rows,
                 src.cols,
-                slope if slope is not None else _number(ds.get("RescaleSlope"), 1.0),
+                slope or _number(ds.get("RescaleSlope"), 1.0) or 1.0,
                 intercept if intercept is not None else _number(ds.get("RescaleIntercept"), 0.0),
                 _echo_key(None, echo.get("EffectiveEchoTime")) if echo else top_echo,
                 _image_type(frame_type),
