@@ -100,17 +100,18 @@ _NATIVE_TRANSFER_SYNTAXES = {
     "1.2.840.10008.1.2.2": ">",  # Explicit VR Big Endian (retired)
 }
 
-# SOP classes that are not (cross-sectional) images: the UID and everything below it.
-_NON_IMAGE_SOP_CLASSES = (
-    ("1.2.840.10008.5.1.4.1.1.88", "structured report or key object selection"),
-    ("1.2.840.10008.5.1.4.1.1.11", "presentation state"),
-    ("1.2.840.10008.5.1.4.1.1.104", "encapsulated document"),
-    ("1.2.840.10008.5.1.4.1.1.9", "waveform"),
-    ("1.2.840.10008.5.1.4.1.1.66", "raw data, registration or segmentation"),
-    ("1.2.840.10008.5.1.4.1.1.481.2", "RT dose"),
-    ("1.2.840.10008.5.1.4.1.1.481.3", "RT structure set"),
-    ("1.2.840.10008.5.1.4.1.1.481.5", "RT plan"),
-    ("1.2.840.10008.5.1.4.1.1.7", "secondary capture"),
+# SOP classes refused by class, with the reason: the UID and everything below it.
+# (Other images without patient geometry, e.g. CR, DX or secondary capture,
+# are refused for lacking ImagePositionPatient / ImageOrientationPatient.)
+_REFUSED_SOP_CLASSES = (
+    ("1.2.840.10008.5.1.4.1.1.88", "a structured report or key object selection, not an image"),
+    ("1.2.840.10008.5.1.4.1.1.11", "a presentation state, not an image"),
+    ("1.2.840.10008.5.1.4.1.1.104", "an encapsulated document, not an image"),
+    ("1.2.840.10008.5.1.4.1.1.9", "a waveform, not an image"),
+    ("1.2.840.10008.5.1.4.1.1.66", "raw data, a registration or a segmentation: not converted"),
+    ("1.2.840.10008.5.1.4.1.1.481.2", "an RT dose grid: not converted"),
+    ("1.2.840.10008.5.1.4.1.1.481.3", "an RT structure set, not an image"),
+    ("1.2.840.10008.5.1.4.1.1.481.5", "an RT plan, not an image"),
 )
 
 # NIfTI-1 datatype codes [nifti1.h] by numpy dtype.
@@ -331,9 +332,9 @@ def _functional_group(
 
 
 def _sop_class_problem(sop_class: str) -> str | None:
-    for base, what in _NON_IMAGE_SOP_CLASSES:
+    for base, why in _REFUSED_SOP_CLASSES:
         if sop_class == base or sop_class.startswith(base + "."):
-            return what
+            return why
     return None
 
 
@@ -367,8 +368,7 @@ def _source(path: Path, ds: Dataset) -> _Source:
     sop_class = _text(ds, "SOPClassUID") or ""
     problem = _sop_class_problem(sop_class)
     if problem:
-        uid_name = UID(sop_class).name
-        raise ConversionError(f"{name} is a {problem} ({uid_name}), not an image")
+        raise ConversionError(f"{name} ({UID(sop_class).name}) is {problem}")
     if "FloatPixelData" in ds or "DoubleFloatPixelData" in ds:
         raise ConversionError(f"{name}: floating-point pixel data is not supported")
     if "PixelData" not in ds:

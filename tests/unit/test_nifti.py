@@ -430,7 +430,22 @@ def test_colour_images_are_refused() -> None:
     rgb = get_testdata_file("SC_rgb_small_odd.dcm")
     assert rgb is not None
     reason = _refusal([Path(rgb)])
-    assert "colour" in reason or "secondary capture" in reason
+    assert "colour images (3 samples per pixel" in reason
+
+
+@pytest.mark.parametrize(
+    ("name", "expected"),
+    [
+        ("JPEG2000.dcm", "no patient geometry"),  # NM secondary capture without a position
+        ("liver_1frame.dcm", "Segmentation Storage) is raw data, a registration or a segmentation"),
+        ("rtdose.dcm", "RT dose grid: not converted"),
+        ("rtstruct.dcm", "RT structure set, not an image"),
+    ],
+)
+def test_objects_without_a_volume_are_refused(name: str, expected: str) -> None:
+    path = get_testdata_file(name)
+    assert path is not None
+    assert expected in _refusal([Path(path)])
 
 
 # ---------------------------------------------------------------- encodings and multi-frame
