@@ -53,7 +53,7 @@ from pydicom.pixels.decoders.base import Decoder, get_decoder
 from pydicom.pixels.utils import iter_pixels, pack_bits
 from pydicom.uid import UID
 
-from app.dicomweb.json import dataset_to_json
+from app.dicomweb.json import dataset_to_json, resolve_ambiguous_vr
 from app.errors import NotAcceptable, NotFound
 
 EXPLICIT_VR_LITTLE_ENDIAN = "1.2.840.10008.1.2.1"
@@ -78,9 +78,6 @@ _PIXEL_TAGS = (_PIXEL_DATA, _FLOAT_PIXEL_DATA, _DOUBLE_FLOAT_PIXEL_DATA)
 _EXTENDED_OFFSET_TABLE = 0x7FE00001
 _EXTENDED_OFFSET_TABLE_LENGTHS = 0x7FE00002
 _SPECIFIC_CHARACTER_SET = 0x00080005
-_PIXEL_REPRESENTATION = 0x00280103
-_BITS_ALLOCATED = 0x00280100
-_WAVEFORM_BITS_ALLOCATED = 0x54001004
 
 _BINARY_VRS = frozenset({"OB", "OD", "OF", "OL", "OV", "OW", "UN"})
 # PS3.5 Table 7.1-1: explicit VRs with a 32-bit length (after two reserved bytes).
@@ -477,54 +474,9 @@ def _resolve_ambiguous(
     ds: Dataset,
     ancestors: tuple[Dataset, ...],
 ) -> str:
-    """The VR the standard prescribes where the dictionary gives a choice.
-
-    US/SS follows PixelRepresentation (PS3.3 C.7.6.3.1); LUT Data holding one
-    value is US/SS, else OW (PS3.3 C.11.1.1); Pixel Data is OB when
-    encapsulated or of at most 8 bits allocated, else OW (PS3.5 A.2, A.4);
-    waveform data follows WaveformBitsAllocated; the rest is OW.
-    """
-    if vr == "US or SS":
-        return "SS" if _find_us(_PIXEL_REPRESENTATION, ds, ancestors) == 1 else "US"
-    if vr.startswith("US or "):
-        if size == 2:
-            return _resolve_ambiguous("US or SS", tag, size, False, ds, ancestors)
-        return "OW"
-    if undefined:
-        return "OB"
-    if tag == _PIXEL_DATA:
-        bits = _find_us(_BITS_ALLOCATED, ds, ancestors)
-        return "OB" if bits is not None and bits <= 8 else "OW"
-    if tag >> 16 == 0x5400:
-        bits = _find_us(_WAVEFORM_BITS_ALLOCATED, ds, ())
-        return "OB" if bits is not None and bits <= 8 else "OW"
-    return "OW"
-
-
-def _find_us(tag: int, ds: Dataset, ancestors: tuple[Dataset, ...]) -> int | None:
-    for candidate in (ds, *reversed(ancestors)):
-        elem: DataElement | RawDataElement | None = candidate.get_item(tag)
-        if elem is None or elem.value is None:
-            continue
-        value = elem.value
-        if isinstance(value, bytes):
-            if len(value) >= 2:
-                little = elem.is_little_endian if isinstance(elem, RawDataElement) else True
-                order = "<" if little else ">"
-                number: int = struct.unpack(f"{order}H", value[:2])[0]
-                return number
-            continue
-        try:
-            return int(value)
-        except TypeError:
-            pass  # a multi-valued element: its first value
-        except ValueError:
-            continue
-        try:
-            return int(value[0])
-        except (TypeError, ValueError, IndexError):
-            continue
-    return None
+    """The VR the standard prescribes where the dictionary gives a choice
+    (explicit VR output: the rules of ``json.resolve_ambiguous_vr``)."""
+    return resolve_ambiguous_vr(vr, tag, size, False, undefined, ds, ancestors)
 
 
 def _charset_of(ds: Dataset, parent: list[str]) -> list[str]:

@@ -229,7 +229,7 @@ class _Encoder:
             # Sequences are parsed by pydicom; the items come back as raw data sets.
             return self.converted(ds[tag], ds, prefix, encodings, ancestors)
         if " or " in vr:
-            vr = _resolve_ambiguous(
+            vr = resolve_ambiguous_vr(
                 vr, tag, len(value), elem.is_implicit_VR, elem.length == 0xFFFFFFFF, ds, ancestors
             )
         if not value:
@@ -258,7 +258,7 @@ class _Encoder:
         value = elem.value
         if " or " in vr:
             size = len(value) if isinstance(value, bytes | bytearray) else 2
-            vr = _resolve_ambiguous(vr, tag, size, False, elem.is_undefined_length, ds, ancestors)
+            vr = resolve_ambiguous_vr(vr, tag, size, False, elem.is_undefined_length, ds, ancestors)
         if value is None or (isinstance(value, str | bytes | bytearray) and not value):
             return {"vr": vr}
         if vr == "SQ":
@@ -529,7 +529,7 @@ def _public_vr(tag: int) -> str | None:
         return None
 
 
-def _resolve_ambiguous(
+def resolve_ambiguous_vr(
     vr: str,
     tag: int,
     size: int,
@@ -550,7 +550,7 @@ def _resolve_ambiguous(
         return "SS" if _find_us(_PIXEL_REPRESENTATION, ds, ancestors) == 1 else "US"
     if vr.startswith("US or "):  # "US or OW" LUT Data, "US or SS or OW" (retired)
         if size == 2:
-            return _resolve_ambiguous("US or SS", tag, size, implicit, False, ds, ancestors)
+            return resolve_ambiguous_vr("US or SS", tag, size, implicit, False, ds, ancestors)
         return "OW"
     if undefined_length:
         return "OB"

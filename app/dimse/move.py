@@ -57,7 +57,9 @@ class MoveResult:
         return st.category(self.status)
 
 
-def _counts(rsp: Dataset, into: MoveProgress) -> None:
+def read_counts(rsp: Dataset, into: MoveProgress) -> None:
+    """Sub-operation counts of a C-MOVE-RSP or C-GET-RSP (PS3.7 9.1.3.1.7-10,
+    9.1.4.1.8-11), where present."""
     for keyword, attr in (
         ("NumberOfRemainingSuboperations", "remaining"),
         ("NumberOfCompletedSuboperations", "completed"),
@@ -144,7 +146,7 @@ def _move_blocking(
                 # Counts are optional in the final response (PS3.7 9.1.4.1.8): a
                 # "remaining" left over from the last pending one must not survive.
                 progress.remaining = None
-            _counts(rsp, progress)
+            read_counts(rsp, progress)
             if code in st.PENDING:
                 if on_progress is not None:
                     on_progress(progress)

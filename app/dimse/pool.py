@@ -216,7 +216,7 @@ class AssociationPool:
             self._slots.release()
             raise
         self._in_use.add(lease)
-        _set_poll_delay(lease.assoc, _BUSY_POLL)
+        set_poll_delay(lease.assoc, BUSY_POLL)
         return lease
 
     @contextlib.asynccontextmanager
@@ -241,7 +241,7 @@ class AssociationPool:
             return
         self._in_use.discard(lease)
         self._slots.release()
-        _set_poll_delay(lease.assoc, _IDLE_POLL)
+        set_poll_delay(lease.assoc, IDLE_POLL)
         keep = lease.reusable and self.node.reuse_associations and not self._closed
         if keep and lease.assoc.is_established:
             lease.last_used = time.monotonic()
@@ -350,11 +350,11 @@ class AssociationPool:
 # pynetdicom's DUL thread sleeps this long between socket polls when it saw no
 # event: 1 ms by default, which every response of an operation waits out.  Poll
 # fast only while an operation runs; an idle association then costs nothing.
-_BUSY_POLL = 0.00005
-_IDLE_POLL = 0.001
+BUSY_POLL = 0.00005
+IDLE_POLL = 0.001
 
 
-def _set_poll_delay(assoc: Association, delay: float) -> None:
+def set_poll_delay(assoc: Association, delay: float) -> None:
     dul = getattr(assoc, "dul", None)
     if dul is not None and hasattr(dul, "_run_loop_delay"):
         dul._run_loop_delay = delay
