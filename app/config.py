@@ -109,6 +109,8 @@ class Settings(BaseSettings):
     cache_max_bytes: int = Field(default=20 * 1024**3, ge=64 * 1024**2)
     # Announced to PACS that send us instances: larger PDUs mean fewer round trips.
     storage_max_pdu: int = Field(default=1024 * 1024, ge=16384)
+    # NIfTI sidecars leave out patient identity unless asked (?phi=true) and allowed here.
+    allow_phi_in_sidecars: bool = False
     nodes: list[PacsNode] = Field(default_factory=list)
 
     @field_validator("ae_title")

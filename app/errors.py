@@ -14,7 +14,8 @@
     │   ├── AssociationRejected   A-ASSOCIATE-RJ (502)
     │   ├── AssociationAborted    A-ABORT or connection lost mid-operation (502)
     │   ├── DimseTimeout          no answer within the configured time (504)
-    │   └── PacsFailureStatus     a DIMSE failure status; keeps code and comment (502)
+    │   ├── PacsFailureStatus     a DIMSE failure status; keeps code and comment (502)
+    │   └── RetrieveIncomplete    instances announced or asked for did not all arrive (502)
     └── ConversionError           no honest single volume (NIfTI); keeps the reason (422)
 """
 
@@ -118,3 +119,10 @@ class ConversionError(GatewayError):
     def __init__(self, reason: str) -> None:
         super().__init__(f"cannot convert the series to one volume: {reason}")
         self.reason = reason
+
+
+class RetrieveIncomplete(PacsError):
+    """A retrieve ended without every instance of what was asked (502 where it matters)."""
+
+    def __init__(self, message: str, node: str = "") -> None:
+        super().__init__(node or "?", message)

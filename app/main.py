@@ -10,7 +10,7 @@ from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 
 from app import __version__
-from app.api import errors, health, retrieve, search
+from app.api import errors, health, nifti, retrieve, search
 from app.config import Settings, load_settings
 from app.runtime import Gateway
 
@@ -53,4 +53,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(search.router, prefix="/pacs/{node}/dicomweb")
     app.include_router(retrieve.router, prefix="/dicomweb")
     app.include_router(retrieve.router, prefix="/pacs/{node}/dicomweb")
+    app.include_router(nifti.router, prefix="/dicomweb")
+    app.include_router(nifti.router, prefix="/pacs/{node}/dicomweb")
     return app

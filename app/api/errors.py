@@ -14,6 +14,7 @@ from app.dimse.status import is_out_of_resources, meaning
 from app.errors import (
     AssociationAborted,
     AssociationRejected,
+    ConversionError,
     DimseTimeout,
     GatewayError,
     InvalidRequest,
@@ -35,6 +36,8 @@ def _status_of(exc: GatewayError) -> int:
         return 404
     if isinstance(exc, NotAcceptable):
         return 406
+    if isinstance(exc, ConversionError):
+        return 422
     if isinstance(exc, PoolExhausted | PacsUnavailable):
         return 503
     if isinstance(exc, DimseTimeout):

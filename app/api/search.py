@@ -8,10 +8,12 @@ from collections.abc import Iterable
 from fastapi import APIRouter, Request, Response
 
 from app.api.deps import ClientGone, GatewayDep, NodeDep, until_disconnected
+from app.config import PacsNode
 from app.dicomweb.attributes import Level
 from app.dicomweb.json import dataset_to_json, dumps
 from app.dicomweb.query import check_uid, parse_qido
 from app.errors import InvalidRequest, NotAcceptable
+from app.runtime import Gateway
 from app.services.search import SearchResult, run_search
 
 DICOM_JSON = "application/dicom+json"
@@ -56,6 +58,26 @@ def _retrieve_url(base: str, level: Level, obj: dict[int, str]) -> str | None:
     return None
 
 
+async def run_qido(
+    gateway: Gateway,
+    node: PacsNode,
+    level: Level,
+    params: Iterable[tuple[str, str]],
+    *,
+    path_uids: dict[int, str] | None = None,
+    context: Iterable[Level] = (),
+) -> SearchResult:
+    """Parse QIDO parameters and run the search (also used by the NIfTI one-call path)."""
+    query = parse_qido(
+        level,
+        params,
+        path_uids=path_uids,
+        context_levels=context,
+        study_root=node.query_model == "study" and level is not Level.PATIENT,
+    )
+    return await run_search(gateway, node, query)
+
+
 async def _answer(
     request: Request,
     gateway: GatewayDep,
@@ -68,15 +90,10 @@ async def _answer(
 ) -> Response:
     _check_accept(request)
     params = [*path_matches, *request.query_params.multi_items()]
-    query = parse_qido(
-        level,
-        params,
-        path_uids=path_uids,
-        context_levels=context,
-        study_root=node.query_model == "study" and level is not Level.PATIENT,
-    )
     try:
-        result: SearchResult = await until_disconnected(request, run_search(gateway, node, query))
+        result = await until_disconnected(
+            request, run_qido(gateway, node, level, params, path_uids=path_uids, context=context)
+        )
     except ClientGone:
         return Response(status_code=499)
     base = _base_url(request)
