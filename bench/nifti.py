@@ -44,6 +44,7 @@ import hashlib
 import json
 import os
 import platform
+import shlex
 import shutil
 import statistics
 import subprocess
@@ -326,10 +327,260 @@ def _section(result: dict[str, Any]) -> str:
         "dcm2niix's is fixed cost the gateway pays once, not per request: starting Python, "
         "importing pydicom (which imports its pixel plugins, requests, PIL and GDCM) and "
         "numpy, and tearing it all down again take about as long as dcm2niix's whole run.",
-        "",
-        MARK_END,
     ]
+    if result.get("e2e"):
+        lines += _e2e_lines(result["e2e"])
+    lines += ["", MARK_END]
     return "\n".join(lines) + "\n"
+
+
+# -------------------------------------------------------------------------- end to end
+
+E2E_KINDS = ("gw-gz", "gw-nii", "hand-gz", "hand-nii")
+E2E_LABEL = {
+    "gw-gz": "(a) gateway, cold cache: `GET .../nifti` (`.nii.gz`)",
+    "gw-nii": "(a) gateway, cold cache: `GET .../nifti?compress=false` (`.nii`)",
+    "hand-gz": "(b) by hand: `movescu` -> `storescp -od DIR`, then `dcm2niix -z y -b n DIR`",
+    "hand-nii": "(b) by hand: `movescu` -> `storescp -od DIR`, then `dcm2niix -z n -b n DIR`",
+}
+E2E_PAIRS = (("gw-gz", "hand-gz"), ("gw-nii", "hand-nii"))
+
+
+def _curl_to_file(url: str, out: Path) -> tuple[int, float, float, int]:
+    """GET ``url`` into ``out``: HTTP status, time to first byte, to last byte, size."""
+    from bench.retrieve import CURL_TIMEOUT, _clean_env
+
+    command = [
+        "curl", "-s", "--noproxy", "*", "-o", str(out), "--max-time", str(CURL_TIMEOUT),
+        "-w", "%{http_code} %{time_starttransfer} %{time_total} %{size_download}", url,
+    ]  # fmt: skip
+    done = subprocess.run(
+        command, capture_output=True, text=True, timeout=CURL_TIMEOUT + 10, check=False,
+        env=_clean_env(),
+    )  # fmt: skip
+    fields = done.stdout.split()
+    if done.returncode != 0 or len(fields) != 4:
+        raise RuntimeError(f"curl {url} failed ({done.returncode}): {done.stdout} {done.stderr}")
+    return int(fields[0]), float(fields[1]), float(fields[2]), int(fields[3])
+
+
+def _check_nifti(path: Path, shape: tuple[int, ...], full: bool = False) -> tuple[int, ...]:
+    """``path`` loads with nibabel with ``shape`` (and, with ``full``, its voxels read)."""
+    import nibabel as nib
+    import numpy as np
+
+    image = nib.load(path)
+    if tuple(image.shape) != shape:
+        raise RuntimeError(f"{path}: shape {image.shape}, expected {shape}")
+    if full:
+        data = np.asarray(image.dataobj)
+        if data.shape != shape:
+            raise RuntimeError(f"{path}: voxels of shape {data.shape}, expected {shape}")
+    return tuple(image.shape)
+
+
+def end_to_end(files: list[Path], rounds: int, work: Path, dcm2niix: str) -> dict[str, Any]:
+    """Orthanc holding the CT; per round (kinds rotated), the gateway with a cold cache
+    (``.nii.gz`` and ``.nii``) against movescu -> storescp -> dcm2niix (-z y, -z n)."""
+    import contextlib
+
+    from bench.retrieve import GATEWAY_AE, LOOPBACK, MOVESCU_AE, STORESCP_AE, GatewayProcess
+    from bench.store_receive import _rotated
+    from tests.peers.common import StorescpPeer, dcmtk_env, free_port, read_instance_info
+    from tests.peers.orthanc import OrthancPeer, orthanc_available
+
+    if not orthanc_available():
+        raise SystemExit("Orthanc or its DICOMweb plugin is not installed")
+    for tool in ("storescp", "movescu", "curl"):
+        if shutil.which(tool) is None:
+            raise SystemExit(f"{tool} is not installed (apt: dcmtk, curl)")
+    info = read_instance_info(files[0])
+    study, series = info.study_instance_uid, info.series_instance_uid
+    shape = (512, 512, len(files))
+    with contextlib.ExitStack() as stack:
+        storage_port, storescp_port = free_port(), free_port()
+        modalities = {
+            GATEWAY_AE: (GATEWAY_AE, LOOPBACK, storage_port),
+            STORESCP_AE: (STORESCP_AE, LOOPBACK, storescp_port),
+            MOVESCU_AE: (MOVESCU_AE, LOOPBACK, free_port()),
+        }
+        orthanc = OrthancPeer(work / "orthanc", modalities=modalities, sync_storage=False)
+        stack.callback(orthanc.stop)
+        orthanc.start()
+        t0 = time.perf_counter()
+        loaded = orthanc.load(files)
+        load_s = time.perf_counter() - t0
+        if len(loaded.loaded) != len(files):
+            raise RuntimeError(f"Orthanc kept {len(loaded.loaded)} of {len(files)} files")
+        print(f"e2e: Orthanc loaded {len(files)} files in {load_s:.1f} s", flush=True)
+        storescp = StorescpPeer(
+            work / "storescp", aet=STORESCP_AE, port=storescp_port, extra_args=["-pdu", "131072"]
+        )
+        stack.callback(storescp.stop)
+        storescp.start()
+        received = storescp.output_dir
+        gateway = GatewayProcess(work / "gateway", orthanc.aet, orthanc.dicom_port, storage_port)
+        stack.callback(gateway.stop)
+        movescu = [
+            "movescu", "-S", "-aet", MOVESCU_AE, "-aec", orthanc.aet, "-aem", STORESCP_AE,
+            "-k", "QueryRetrieveLevel=SERIES", "-k", f"StudyInstanceUID={study}",
+            "-k", f"SeriesInstanceUID={series}", LOOPBACK, str(orthanc.dicom_port),
+        ]  # fmt: skip
+        base = f"{gateway.url}/dicomweb/studies/{study}/series/{series}/nifti"
+        outputs = work / "e2e-out"
+
+        def gateway_run(kind: str, full: bool = False) -> dict[str, Any]:
+            compress = kind == "gw-gz"
+            gateway.restart_empty()  # stop, delete work_dir/cache, start, warm the route
+            moves = len(gateway.moves())
+            shutil.rmtree(outputs, ignore_errors=True)
+            outputs.mkdir()
+            out = outputs / ("out.nii.gz" if compress else "out.nii")
+            status, ttfb, total, size = _curl_to_file(
+                base if compress else base + "?compress=false", out
+            )
+            if status != 200:
+                raise RuntimeError(f"{kind}: HTTP {status}: {out.read_bytes()[:300]!r}")
+            new = gateway.moves()[moves:]
+            if len(new) != 1 or int(new[0]["completed"]) != len(files):
+                raise RuntimeError(f"{kind}: C-MOVEs logged {new}")
+            _check_nifti(out, shape, full)
+            return {"s": total, "ttfb_s": ttfb, "size": size, "move_ms": float(new[0]["ms"])}
+
+        def by_hand(kind: str, full: bool = False) -> dict[str, Any]:
+            compress = kind == "hand-gz"
+            for entry in received.iterdir():
+                entry.unlink()
+            shutil.rmtree(outputs, ignore_errors=True)
+            outputs.mkdir()
+            convert = [
+                dcm2niix, "-z", "y" if compress else "n", "-b", "n",
+                "-o", str(outputs), "-f", "out", str(received),
+            ]  # fmt: skip
+            started = time.perf_counter()
+            moved = subprocess.run(
+                movescu, env=dcmtk_env(), capture_output=True, text=True, timeout=300, check=False
+            )
+            middle = time.perf_counter()
+            converted = subprocess.run(
+                convert, capture_output=True, text=True, timeout=300, check=False
+            )
+            ended = time.perf_counter()
+            count = sum(1 for entry in received.iterdir() if entry.is_file())
+            if moved.returncode != 0 or count != len(files):
+                raise RuntimeError(
+                    f"movescu: exit {moved.returncode}, {count} files\n"
+                    f"{moved.stdout[-1000:]}{moved.stderr[-1000:]}"
+                )
+            out = outputs / ("out.nii.gz" if compress else "out.nii")
+            if converted.returncode != 0 or not out.exists():
+                raise RuntimeError(
+                    f"dcm2niix: exit {converted.returncode}\n"
+                    f"{converted.stdout[-1000:]}{converted.stderr[-1000:]}"
+                )
+            _check_nifti(out, shape, full)
+            return {
+                "s": ended - started, "move_s": middle - started, "convert_s": ended - middle,
+                "size": out.stat().st_size,
+            }  # fmt: skip
+
+        def one(kind: str, full: bool = False) -> dict[str, Any]:
+            return (gateway_run if kind.startswith("gw") else by_hand)(kind, full)
+
+        for kind in E2E_KINDS:  # warm-up, with the voxels read in full once
+            print(f"e2e warm-up {kind:8s} {one(kind, full=True)['s']:6.2f} s", flush=True)
+        runs: dict[str, list[dict[str, Any]]] = {k: [] for k in E2E_KINDS}
+        for index in range(1, rounds + 1):
+            for kind in _rotated(E2E_KINDS, index):
+                run = one(kind)
+                runs[kind].append(run)
+                extra = (
+                    f"C-MOVE {run['move_ms']:.0f} ms, TTFB {run['ttfb_s']:.2f} s"
+                    if "move_ms" in run
+                    else f"movescu {run['move_s']:.2f} s + dcm2niix {run['convert_s']:.2f} s"
+                )
+                print(f"e2e round {index} {kind:8s} {run['s']:6.2f} s  ({extra})", flush=True)
+        setup = {
+            "orthanc_version": orthanc.rest_get("/system").get("Version", "?"),
+            "orthanc_load_s": load_s,
+            "gateway_command": shlex.join(gateway.command)
+            .replace(str(work), "$TMP")
+            .replace(str(REPO) + "/", ""),
+            "movescu": shlex.join(movescu).replace(study, "$ST").replace(series, "$SE"),
+            "storescp": shlex.join(storescp._command()).replace(str(work), "$TMP"),
+        }
+    summary = {}
+    for kind, items in runs.items():
+        secs = [r["s"] for r in items]
+        row: dict[str, Any] = {
+            "s": secs, "median_s": _median(secs), "min_s": min(secs), "max_s": max(secs),
+            "size_mb": items[-1]["size"] / 1e6,
+        }  # fmt: skip
+        for part in ("move_s", "convert_s", "ttfb_s", "move_ms"):
+            if part in items[0]:
+                row[f"median_{part}"] = _median([r[part] for r in items])
+        summary[kind] = row
+    return {"rounds": rounds, "shape": list(shape), "setup": setup, "summary": summary}
+
+
+def _e2e_lines(e2e: dict[str, Any]) -> list[str]:
+    s, setup = e2e["summary"], e2e["setup"]
+    lines = [
+        "",
+        "### End to end: from the PACS to a NIfTI file",
+        "",
+        f"The same CT in an Orthanc {setup['orthanc_version']} started by the script "
+        "(`TCP_NODELAY=1`, as `bench/retrieve.py` does; the gateway's AE, `STORESCP` and "
+        "`MOVESCU` registered), all on 127.0.0.1.  (a) The gateway as a process of its own "
+        f"(`{setup['gateway_command']}`), before every run stopped, `work_dir/cache` "
+        "deleted, started again and warmed with one 400 request (untimed): a cold cache, "
+        "so each request makes the gateway C-MOVE the series, stack it and stream it; timed "
+        "by `curl -o FILE -w '%{time_total}'` (request to last byte, written to disk).  "
+        f"(b) By hand: `TCP_NODELAY=1 {setup['movescu']}` into `{setup['storescp']}` "
+        "(TCP_NODELAY=1; DIR emptied before), then `dcm2niix -b n -o OUT DIR`; the wall time "
+        "of both processes together.  Every output is loaded with nibabel and has shape "
+        f"{tuple(e2e['shape'])} (the warm-up run of each also reads all voxels); each "
+        "gateway run logged exactly one C-MOVE of 300 instances; each movescu run wrote "
+        f"300 files.  {e2e['rounds']} rounds after one warm-up of each, order rotated each "
+        "round.",
+        "",
+        "| aim: gateway end to end faster than by hand | gateway | by hand | by hand / gateway | |",
+        "|---|---|---|---|---|",
+    ]
+    for gw, hand in E2E_PAIRS:
+        ratio = s[hand]["median_s"] / s[gw]["median_s"]
+        label = "`.nii.gz`" if gw == "gw-gz" else "`.nii`"
+        lines.append(
+            f"| {label} | {s[gw]['median_s']:.2f} s | {s[hand]['median_s']:.2f} s | "
+            f"**{ratio:.2f}x** | {_verdict(ratio > 1.0)} |"
+        )
+    lines += [
+        "",
+        "| run | median | min .. max | of which | output |",
+        "|---|---|---|---|---|",
+    ]
+    for kind in E2E_KINDS:
+        row = s[kind]
+        if kind.startswith("gw"):
+            parts = (
+                f"C-MOVE {row['median_move_ms'] / 1000:.2f} s (gateway log), first byte at "
+                f"{row['median_ttfb_s']:.2f} s"
+            )
+        else:
+            parts = (
+                f"movescu {row['median_move_s']:.2f} s, dcm2niix {row['median_convert_s']:.2f} s"
+            )
+        lines.append(
+            f"| {E2E_LABEL[kind]} | {row['median_s']:.2f} s | {row['min_s']:.2f} .. "
+            f"{row['max_s']:.2f} s | {parts} | {row['size_mb']:.1f} MB |"
+        )
+    lines += [
+        "",
+        "Times per round (s): "
+        + "; ".join(f"{k} " + ", ".join(f"{x:.2f}" for x in s[k]["s"]) for k in E2E_KINDS)
+        + ".",
+    ]
+    return lines
 
 
 def write_doc(section: str, path: Path = DOC_PATH) -> None:
@@ -389,6 +640,7 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
                     f"rss {run.max_rss_kb / 1024:6.0f} MiB  {run.inner.get('convert_s', 0):.2f} s",
                     flush=True,
                 )
+        e2e = end_to_end(files, args.e2e_rounds, work / "e2e", dcm2niix) if args.end_to_end else {}
     return {
         "meta": {
             "started": started,
@@ -398,7 +650,7 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
             "python": platform.python_version(),
             "dcm2niix": "dcm2niix " + (version.splitlines()[-1] if version else "(unknown)"),
             "pigz": shutil.which("pigz") is not None,
-            "command": ".venv/bin/python -m bench.nifti" + (" --quick" if args.quick else ""),
+            "command": shlex.join([".venv/bin/python", "-m", "bench.nifti", *args.argv]),
             "duration_s": time.perf_counter() - began,
             "rounds": args.rounds,
             "files": len(files),
@@ -406,6 +658,7 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
         },
         "check": check,
         "summary": _summary(runs),
+        "e2e": e2e,
     }
 
 
@@ -419,6 +672,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", type=Path, help="also write the raw numbers here")
     parser.add_argument("--no-doc", action="store_true", help="do not touch docs/benchmarks.md")
     parser.add_argument(
+        "--end-to-end",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="also time PACS -> NIfTI: the gateway (cold cache) against movescu -> storescp "
+        "-> dcm2niix, with an Orthanc of its own (default: on)",
+    )
+    parser.add_argument(
+        "--e2e-rounds", type=int, default=3, help="end-to-end rounds (default 3, --quick 2)"
+    )
+    parser.add_argument(
         "--child", nargs=2, type=Path, metavar=("OUT", "IN"), help=argparse.SUPPRESS
     )
     parser.add_argument("--level", type=int, default=1, help=argparse.SUPPRESS)
@@ -428,6 +691,8 @@ def main(argv: list[str] | None = None) -> int:
         return _child(args.child[0], args.child[1], args.level, args.threads)
     if args.quick:
         args.rounds = 2
+        args.e2e_rounds = min(args.e2e_rounds, 2)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     result = bench(args)
     section = _section(result)
     print(section)
