@@ -12,7 +12,7 @@ from fastapi.responses import StreamingResponse
 from starlette.concurrency import iterate_in_threadpool
 
 from app.api.deps import GatewayDep, NodeDep
-from app.api.search import DICOM_JSON, run_qido
+from app.api.search import DICOM_JSON, SERVICE, run_qido
 from app.cache import CachedInstance
 from app.config import PacsNode
 from app.convert.nifti import Volume, build_volume, nifti_size, to_nifti
@@ -125,7 +125,11 @@ async def find_nifti(
     if len(matches) > 1:
         # 300 Multiple Choices: the candidates, as QIDO would list them.
         body = dumps([dataset_to_json(ds) for ds in matches])
-        return Response(body, status_code=300, media_type=DICOM_JSON)
+        response = Response(body, status_code=300, media_type=DICOM_JSON)
+        for text in result.warnings:
+            # e.g. the PACS could not match SeriesDescription: say why there are several.
+            response.headers.append("Warning", f"299 {SERVICE}: {text}")
+        return response
     only = matches[0]
     study, series = str(only.StudyInstanceUID), str(only.SeriesInstanceUID)
     volume = await _volume(gateway, node, study, series)
