@@ -128,3 +128,47 @@ def test_loads_in_simpleitk_too(
     nii = _load(gzip.decompress(resp.content))
     assert image.GetSize() == nii.shape[:3]
     assert io.BytesIO(resp.content).read(2) == b"\x1f\x8b"
+
+
+def test_series_with_a_missing_slice_is_refused_with_422(tmp_path: Path) -> None:
+    """Its own Orthanc, holding a CT series with one slice taken out."""
+    from app.sampledata import ct_series, sample_patients, write_datasets
+    from tests.gateway_server import free_port
+    from tests.peers.orthanc import orthanc_available
+
+    if not orthanc_available():
+        pytest.skip("Orthanc is not installed (apt: orthanc orthanc-dicomweb)")
+    slices = list(
+        ct_series(
+            patient=sample_patients()["ascii"],
+            study_uid="2.25.4224",
+            series_number=5,
+            slices=12,
+            rows=32,
+            cols=32,
+            seed="gap",
+        )
+    )
+    del slices[6]
+    files = write_datasets(slices, tmp_path / "gap")
+    storage_port = free_port()
+    peer = OrthancPeer(
+        tmp_path / "orthanc", modalities={"DIMSEGW": ("DIMSEGW", "127.0.0.1", storage_port)}
+    )
+    peer.start()
+    try:
+        peer.load(files)
+        settings = gateway_settings(
+            tmp_path / "gw",
+            local_node("orthanc", peer.aet, peer.dicom_port, default=True),
+            storage_port=storage_port,
+        )
+        series = str(slices[0].SeriesInstanceUID)
+        with GatewayServer(settings) as gw:
+            resp = httpx.get(f"{gw.dicomweb}/studies/2.25.4224/series/{series}/nifti", timeout=60)
+        assert resp.status_code == 422, resp.text
+        body = resp.json()
+        assert body["error"] == "ConversionError"
+        assert "slice" in body["message"].lower()
+    finally:
+        peer.stop()
