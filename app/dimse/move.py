@@ -57,6 +57,10 @@ class MoveResult:
         return st.category(self.status)
 
 
+class Unanswered(AssociationAborted):
+    """The association failed before the PACS answered the request at all."""
+
+
 def read_counts(rsp: Dataset, into: MoveProgress) -> None:
     """Sub-operation counts of a C-MOVE-RSP or C-GET-RSP (PS3.7 9.1.3.1.7-10,
     9.1.4.1.8-11), where present."""
@@ -88,24 +92,35 @@ async def c_move(
     C-CANCEL; the result then carries FE00.
     """
     cancel = cancel or threading.Event()
-    async with pool.lease() as lease:
-        try:
-            return await pool.run(
-                lease,
-                functools.partial(
-                    _move_blocking,
-                    pool=pool,
-                    identifier=identifier,
-                    model=model,
-                    destination=destination,
-                    msg_id=msg_id,
-                    on_progress=on_progress,
-                    cancel=cancel,
-                ),
-            )
-        except asyncio.CancelledError:
-            cancel.set()
-            raise
+    for attempt in range(2):
+        async with pool.lease(fresh=attempt > 0) as lease:
+            try:
+                return await pool.run(
+                    lease,
+                    functools.partial(
+                        _move_blocking,
+                        pool=pool,
+                        identifier=identifier,
+                        model=model,
+                        destination=destination,
+                        msg_id=msg_id,
+                        on_progress=on_progress,
+                        cancel=cancel,
+                    ),
+                )
+            except Unanswered:
+                # A pooled association that died while idle: the PACS never
+                # answered, so asking again on a new one repeats nothing.
+                if attempt == 0 and lease.reused:
+                    log.info(
+                        "C-MOVE on a reused association to %s failed; retrying", pool.node.name
+                    )
+                    continue
+                raise
+            except asyncio.CancelledError:
+                cancel.set()
+                raise
+    raise AssertionError("unreachable")  # pragma: no cover
 
 
 def _move_blocking(
@@ -125,9 +140,10 @@ def _move_blocking(
     cancel_sent = False
     final: Dataset | None = None
     failed_uids: list[str] = []
+    answered = False
     if not quiesce_reactor(lease.assoc):
         lease.reusable = False
-        raise AssociationAborted(node.name, "association not responsive")
+        raise Unanswered(node.name, "association not responsive")
     try:
         for rsp, ident in lease.assoc.send_c_move(
             identifier, destination, str(model), msg_id=msg_id
@@ -139,7 +155,9 @@ def _move_blocking(
                     raise DimseTimeout(
                         node.name, f"C-MOVE: no answer within {node.dimse_timeout:g} s"
                     )
-                raise AssociationAborted(node.name, "C-MOVE: association aborted or lost")
+                lost = Unanswered if not answered else AssociationAborted
+                raise lost(node.name, "C-MOVE: association aborted or lost")
+            answered = True
             last = now
             code = int(rsp.Status)
             if code not in st.PENDING:
@@ -160,8 +178,9 @@ def _move_blocking(
                 failed_uids = [str(v) for v in (value if isinstance(value, list) else [value])]
             break
     except RuntimeError as exc:
+        # pynetdicom raises this when the association died before the request.
         lease.reusable = False
-        raise AssociationAborted(node.name, f"association lost: {exc}") from exc
+        raise Unanswered(node.name, f"association lost: {exc}") from exc
     except BaseException:
         lease.reusable = False
         raise

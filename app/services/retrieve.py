@@ -255,7 +255,8 @@ class Retriever:
                     dimse_get.raise_for_refusal(node.name, result)
                 else:
                     raise_for_refusal(node.name, result)
-            self._remember_complete(fetch, result)
+            # sqlite, behind the lock the storage threads take: off the loop.
+            await asyncio.to_thread(self._remember_complete, fetch, result)
         except GatewayError as exc:
             error = exc
         except asyncio.CancelledError:

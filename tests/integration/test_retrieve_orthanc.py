@@ -77,16 +77,16 @@ def read_part(payload: bytes) -> Dataset:
 
 
 def dataset_bytes(path: Path) -> bytes:
-    """The data set as stored, after the preamble and file meta."""
-    ds = dcmread(path, force=True)
-    raw = path.read_bytes()
-    meta_end = 0
-    if raw[128:132] == b"DICM":
-        # Group 0002 length: the first element after DICM is the group length.
-        group_len = int.from_bytes(raw[140:144], "little")
-        meta_end = 144 + group_len
-    del ds
-    return raw[meta_end:]
+    """The data set as stored in a file, after the preamble and file meta."""
+    return dataset_bytes_of(path.read_bytes())
+
+
+def dataset_bytes_of(payload: bytes) -> bytes:
+    """The data set after the preamble and file meta (whose group length comes first)."""
+    if payload[128:132] != b"DICM":
+        return payload
+    group_len = int.from_bytes(payload[140:144], "little")
+    return payload[144 + group_len :]
 
 
 def series_files(peer: OrthancPeer, series: str) -> list[InstanceInfo]:
@@ -128,11 +128,6 @@ def test_series_as_stored_is_byte_identical(
         )
         assert headers["Content-Location"].endswith(f"/instances/{ds.SOPInstanceUID}")
         assert dataset_bytes_of(payload) == dataset_bytes(info.path)
-
-
-def dataset_bytes_of(payload: bytes) -> bytes:
-    group_len = int.from_bytes(payload[140:144], "little")
-    return payload[144 + group_len :]
 
 
 def test_every_transfer_syntax(
@@ -225,24 +220,26 @@ def test_concurrent_clients_share_one_move_per_series(
     assert len(wanted) == 4
     moves = runtime(gateway).retriever.moves_started
 
-    async def run() -> list[tuple[str, set[str]]]:
+    async def run() -> list[tuple[str, set[str], set[str]]]:
         async with httpx.AsyncClient(timeout=120) as client:
 
-            async def one(study: str, series: str) -> tuple[str, set[str]]:
+            async def one(study: str, series: str) -> tuple[str, set[str], set[str]]:
                 resp = await client.get(url(gateway, study, "series", series))
                 assert resp.status_code == 200
-                return series, {
-                    str(read_part(p).SeriesInstanceUID) for _, p in parse_multipart(resp)
-                }
+                parts = [read_part(p) for _, p in parse_multipart(resp)]
+                return (
+                    series,
+                    {str(d.SeriesInstanceUID) for d in parts},
+                    {str(d.SOPInstanceUID) for d in parts},
+                )
 
             return await asyncio.gather(*(one(s, se) for s, se in wanted for _ in range(2)))
 
     results = asyncio.run(run())
-    for series, got in results:
-        assert got == {series}
-    for series in {s for _, s in wanted}:
-        counts = [len(got) for s, got in results if s == series]
-        assert counts
+    for series, got_series, got_sops in results:
+        assert got_series == {series}, "a client received another series' instances"
+        expected = {i.sop_instance_uid for i in series_files(orthanc_peer, series)}
+        assert got_sops == expected, "both clients of a shared move get the whole series"
     assert runtime(gateway).retriever.moves_started - moves == 4
 
 
