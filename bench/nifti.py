@@ -386,12 +386,22 @@ def end_to_end(files: list[Path], rounds: int, work: Path, dcm2niix: str) -> dic
 
     from bench.retrieve import GATEWAY_AE, LOOPBACK, MOVESCU_AE, STORESCP_AE, GatewayProcess
     from bench.store_receive import _rotated
-    from tests.peers.common import StorescpPeer, dcmtk_env, free_port, read_instance_info
+    from tests.peers.common import (
+        StorescpPeer,
+        dcmtk_available,
+        dcmtk_env,
+        dcmtk_tool,
+        free_port,
+        read_instance_info,
+    )
     from tests.peers.orthanc import OrthancPeer, orthanc_available
 
     if not orthanc_available():
         raise SystemExit("Orthanc or its DICOMweb plugin is not installed")
-    for tool in ("storescp", "movescu", "curl"):
+    for tool in ("storescp", "movescu"):
+        if not dcmtk_available(tool):
+            raise SystemExit(f"DCMTK {tool} is not installed (apt: dcmtk)")
+    for tool in ("curl",):
         if shutil.which(tool) is None:
             raise SystemExit(f"{tool} is not installed (apt: dcmtk, curl)")
     info = read_instance_info(files[0])
@@ -422,7 +432,8 @@ def end_to_end(files: list[Path], rounds: int, work: Path, dcm2niix: str) -> dic
         gateway = GatewayProcess(work / "gateway", orthanc.aet, orthanc.dicom_port, storage_port)
         stack.callback(gateway.stop)
         movescu = [
-            "movescu", "-S", "-aet", MOVESCU_AE, "-aec", orthanc.aet, "-aem", STORESCP_AE,
+            dcmtk_tool("movescu"), "-S",
+            "-aet", MOVESCU_AE, "-aec", orthanc.aet, "-aem", STORESCP_AE,
             "-k", "QueryRetrieveLevel=SERIES", "-k", f"StudyInstanceUID={study}",
             "-k", f"SeriesInstanceUID={series}", LOOPBACK, str(orthanc.dicom_port),
         ]  # fmt: skip

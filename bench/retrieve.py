@@ -531,12 +531,22 @@ def summarise_profile(path: Path, instances: int, top: int = 40) -> dict[str, An
 
 def measure(args: argparse.Namespace) -> Report:
     from app.sampledata import DEFAULT_SEED, benchmark_ct, write_datasets
-    from tests.peers.common import StorescpPeer, dcmtk_env, free_port, read_instance_info
+    from tests.peers.common import (
+        StorescpPeer,
+        dcmtk_available,
+        dcmtk_env,
+        dcmtk_tool,
+        free_port,
+        read_instance_info,
+    )
     from tests.peers.orthanc import OrthancPeer, orthanc_available
 
     if not orthanc_available():
         raise SystemExit("Orthanc or its DICOMweb plugin is not installed")
-    for tool in ("storescp", "movescu", "curl"):
+    for tool in ("storescp", "movescu"):
+        if not dcmtk_available(tool):
+            raise SystemExit(f"DCMTK {tool} is not installed (apt: dcmtk)")
+    for tool in ("curl",):
         if shutil.which(tool) is None:
             raise SystemExit(f"{tool} is not installed")
     with contextlib.ExitStack() as stack:
@@ -584,7 +594,7 @@ def measure(args: argparse.Namespace) -> Report:
         stack.callback(gateway.stop)
 
         movescu_cmd = [
-            "movescu",
+            dcmtk_tool("movescu"),
             "-S",
             "-aet",
             MOVESCU_AE,
@@ -851,7 +861,9 @@ def _versions() -> dict[str, str]:
     for dist in ("dimse-gateway", "uvicorn", "fastapi", "starlette", "pydicom", "pynetdicom"):
         with contextlib.suppress(metadata.PackageNotFoundError):
             versions[dist] = metadata.version(dist)
-    dcmtk = re.search(r"v(\d+\.\d+\.\d+)", _sh(["movescu", "--version"]))
+    from tests.peers.common import dcmtk_tool
+
+    dcmtk = re.search(r"v(\d+\.\d+\.\d+)", _sh([dcmtk_tool("movescu"), "--version"]))
     versions["dcmtk"] = dcmtk.group(1) if dcmtk else "?"
     versions["curl"] = [*_sh(["curl", "--version"]).split(), "?", "?"][1]
     return versions

@@ -45,7 +45,6 @@ import json
 import os
 import platform
 import shlex
-import shutil
 import socket
 import statistics
 import subprocess
@@ -273,12 +272,12 @@ def _rotated(items: Sequence[str], by: int) -> list[str]:
 
 def measure(args: argparse.Namespace) -> Report:
     from app.sampledata import benchmark_ct, write_datasets
-    from tests.peers.common import StorescpPeer, dcmtk_env, free_port
+    from tests.peers.common import StorescpPeer, dcmtk_available, dcmtk_env, free_port
     from tests.peers.orthanc import OrthancPeer, orthanc_available
 
     if not orthanc_available():
         raise SystemExit("Orthanc or its DICOMweb plugin is not installed")
-    if shutil.which("storescp") is None:
+    if not dcmtk_available("storescp"):
         raise SystemExit("DCMTK storescp is not installed")
     with contextlib.ExitStack() as stack:
         work = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="bench-store-")))

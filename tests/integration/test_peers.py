@@ -21,6 +21,7 @@ from tests.peers import (
     c_echo,
     c_find,
     dcmtk_env,
+    dcmtk_tool,
     read_instance_info,
 )
 
@@ -44,7 +45,8 @@ def _run_dcmtk(cmd: Sequence[str], timeout: float = 60.0) -> subprocess.Complete
 def _findscu(peer: PeerProcess, out_dir: Path, *keys: str) -> list[pydicom.Dataset]:
     """DCMTK findscu, Study Root, answers extracted to files and read back."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    cmd = ["findscu", "-S", "-X", "-od", str(out_dir), "-aet", "FINDSCU", "-aec", peer.aet]
+    cmd = [dcmtk_tool("findscu"), "-S", "-X", "-od", str(out_dir)]
+    cmd += ["-aet", "FINDSCU", "-aec", peer.aet]
     for key in keys:
         cmd += ["-k", key]
     _run_dcmtk([*cmd, peer.host, str(peer.dicom_port)])
@@ -195,7 +197,8 @@ def test_c_move_to_the_gateway_ae(
     with StorescpPeer(tmp_path / "gw", aet=GATEWAY_AE, port=gateway_storage_port) as receiver:
         _run_dcmtk(
             [
-                "movescu", "-S", "-aet", "MOVESCU", "-aem", GATEWAY_AE, "-aec", pacs_peer.aet,
+                dcmtk_tool("movescu"), "-S",
+                "-aet", "MOVESCU", "-aem", GATEWAY_AE, "-aec", pacs_peer.aet,
                 "-k", "QueryRetrieveLevel=SERIES",
                 "-k", f"StudyInstanceUID={study_uid}",
                 "-k", f"SeriesInstanceUID={series_uid}",
@@ -212,7 +215,7 @@ def test_c_get_by_the_getscu_ae(pacs_peer: PeerProcess, tmp_path: Path) -> None:
     out.mkdir()
     _run_dcmtk(
         [
-            "getscu", "-S", "-aet", "GETSCU", "-aec", pacs_peer.aet, "-od", str(out),
+            dcmtk_tool("getscu"), "-S", "-aet", "GETSCU", "-aec", pacs_peer.aet, "-od", str(out),
             "-k", "QueryRetrieveLevel=IMAGE",
             "-k", f"StudyInstanceUID={info.study_instance_uid}",
             "-k", f"SeriesInstanceUID={info.series_instance_uid}",

@@ -28,7 +28,7 @@ from app.dimse.storescp import (
     IncomingInstance,
     StorageSCP,
 )
-from tests.peers.common import LOOPBACK, InstanceInfo, dcmtk_env, free_port
+from tests.peers.common import LOOPBACK, InstanceInfo, dcmtk_env, dcmtk_tool, free_port
 from tests.peers.orthanc import OrthancPeer
 
 pytestmark = pytest.mark.integration
@@ -176,7 +176,7 @@ def test_movescu_c_move_of_a_ct_series(
     infos = [i for i in ct if i.series_instance_uid == series_uid]
     proc = subprocess.run(
         [
-            "movescu",
+            dcmtk_tool("movescu"),
             "-v",
             "-S",
             "-aet",

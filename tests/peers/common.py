@@ -90,6 +90,34 @@ def port_is_open(host: str, port: int, timeout: float = 0.25) -> bool:
 # --------------------------------------------------------------------------- environment
 
 
+def dcmtk_tool(name: str) -> str:
+    """The absolute path of DCMTK's ``name`` (storescu, movescu, storescp ...).
+
+    pynetdicom 3 installs console scripts with the same names (storescu, findscu,
+    movescu, getscu, storescp, echoscu) into the virtualenv, so with the venv's
+    ``bin`` first on PATH a bare ``storescu`` is pynetdicom's and speaks other
+    options: look past anything that is a script rather than a program.
+    """
+    for folder in os.get_exec_path():
+        candidate = Path(folder) / name
+        if not (candidate.is_file() and os.access(candidate, os.X_OK)):
+            continue
+        with candidate.open("rb") as f:
+            if f.read(2) != b"#!":
+                return str(candidate)
+    raise FileNotFoundError(f"DCMTK {name} is not installed (apt: dcmtk)")
+
+
+def dcmtk_available(*names: str) -> bool:
+    """True when every one of the DCMTK programs is installed."""
+    try:
+        for name in names:
+            dcmtk_tool(name)
+    except FileNotFoundError:
+        return False
+    return True
+
+
 def dcmtk_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
     """The environment for DCMTK tools and peers: ours plus ``TCP_NODELAY=1``."""
     env = dict(os.environ)
@@ -484,7 +512,7 @@ def store_files(
             profile = _write_storescu_profile(profile_path, contexts)
             files = [info.path for info in batch]
             cmd = [
-                "storescu",
+                dcmtk_tool("storescu"),
                 "-v",
                 "-nh",
                 "-xf",
@@ -905,7 +933,7 @@ class StorescpPeer(PeerProcess):
 
     def _command(self) -> list[str]:
         return [
-            "storescp",
+            dcmtk_tool("storescp"),
             "-aet",
             self.aet,
             "-od",

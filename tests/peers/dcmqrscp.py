@@ -3,17 +3,24 @@
 from __future__ import annotations
 
 import re
-import shutil
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from tests.peers.common import LOOPBACK, PeerProcess, c_echo, free_port, port_is_open
+from tests.peers.common import (
+    LOOPBACK,
+    PeerProcess,
+    c_echo,
+    dcmtk_available,
+    dcmtk_tool,
+    free_port,
+    port_is_open,
+)
 
 DCMQRSCP_BINARY = "dcmqrscp"
 
 
 def dcmqrscp_available() -> bool:
-    return shutil.which(DCMQRSCP_BINARY) is not None and shutil.which("storescu") is not None
+    return dcmtk_available(DCMQRSCP_BINARY, "storescu")
 
 
 _SYMBOL = re.compile(r"[^A-Za-z0-9_]")
@@ -106,7 +113,7 @@ class DcmqrscpPeer(PeerProcess):
         self.config_path.write_text(self.config_text(), encoding="utf-8")
 
     def _command(self) -> list[str]:
-        cmd = [DCMQRSCP_BINARY, "-c", str(self.config_path), "-dhl"]
+        cmd = [dcmtk_tool(DCMQRSCP_BINARY), "-c", str(self.config_path), "-dhl"]
         if self.verbose:
             cmd.append("-v")
         cmd.extend(self.extra_args)

@@ -13,7 +13,6 @@ import errno
 import io
 import logging
 import os
-import shutil
 import socket
 import struct
 import subprocess
@@ -54,12 +53,12 @@ from app.dimse.storescp import (
     StorageSCP,
     is_storage_sop_class,
 )
-from tests.peers.common import LOOPBACK, dcmtk_env, store_files
+from tests.peers.common import LOOPBACK, dcmtk_available, dcmtk_env, dcmtk_tool, store_files
 
 AE_TITLE = "GWSTORE"
 TESTDATA_ENV = "DIMSE_GATEWAY_TESTDATA"
 needs_dcmtk = pytest.mark.skipif(
-    shutil.which("storescu") is None or shutil.which("echoscu") is None,
+    not dcmtk_available("storescu", "echoscu"),
     reason="DCMTK storescu/echoscu not installed (apt: dcmtk)",
 )
 
@@ -301,7 +300,7 @@ def test_transfer_syntax_preference_list(start_scp: Callable[..., StorageSCP]) -
 
 def _echoscu(port: int, calling: str, called: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        ["echoscu", "-v", "-aet", calling, "-aec", called, LOOPBACK, str(port)],
+        [dcmtk_tool("echoscu"), "-v", "-aet", calling, "-aec", called, LOOPBACK, str(port)],
         env=dcmtk_env(),
         capture_output=True,
         text=True,
