@@ -87,6 +87,11 @@ class InstanceCache:
                 raise ValueError(f"not a valid UID: {uid[:70]!r}")
         return self._files / study_uid / series_uid / f"{sop_uid}.dcm"
 
+    @property
+    def temp_dir(self) -> Path:
+        """Where instances are written before :meth:`commit` (same file system)."""
+        return self._tmp
+
     def temp_path(self) -> Path:
         return self._tmp / f"{uuid.uuid4().hex}.part"
 

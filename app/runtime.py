@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import socket
-import sys
 from concurrent.futures import ThreadPoolExecutor
 
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
@@ -20,7 +18,7 @@ from app.config import PacsNode, Settings
 from app.dimse.find import VERIFICATION, QueryModel
 from app.dimse.move import MoveModel
 from app.dimse.pool import AssociationPool
-from app.dimse.storescp import StorageSCP
+from app.dimse.storeproc import StorageProcess
 from app.errors import UnknownNode
 from app.services.retrieve import Retriever
 
@@ -70,29 +68,26 @@ class Gateway:
             nodes={n.name: n for n in settings.nodes},
             pools=self.pools,
         )
-        self._senders = _sender_addresses(settings.nodes)
-        self.storage = StorageSCP(
+        # Only configured PACS may store to us, each from its own host.
+        senders: dict[str, list[str]] = {}
+        for node in settings.nodes:
+            senders.setdefault(node.ae_title, []).append(node.host)
+        self.storage = StorageProcess(
             settings.ae_title,
             host=settings.storage_host,
             port=settings.storage_port,
-            sink=self.retriever,
-            allow=self._may_send,
             max_pdu=settings.storage_max_pdu,
+            senders=senders,
+            temp_dir=self.cache.temp_dir,
+            on_arrival=self.retriever.on_arrival,
+            log_level=settings.log_level,
         )
-
-    def _may_send(self, calling_ae: str, address: str) -> bool:
-        """Only configured PACS may store to us, each from its own address."""
-        return address in self._senders.get(calling_ae, set())
+        self.retriever.storage = self.storage
 
     async def start(self) -> None:
-        # Receive threads hand the GIL back and forth with the event loop and
-        # pynetdicom's threads for every instance; the default 5 ms switch
-        # interval left them waiting (py-spy: 43 % of the receive thread's
-        # samples in the GIL wait; 0.5 ms made cold retrieves ~17 % faster).
-        sys.setswitchinterval(0.0005)
         for pool in self.pools.values():
             pool.start()
-        self.storage.start()
+        await asyncio.to_thread(self.storage.start)
         log.info(
             "gateway %s ready with nodes: %s",
             self.settings.ae_title,
@@ -122,21 +117,3 @@ class Gateway:
 
     def pool(self, node: PacsNode) -> AssociationPool:
         return self.pools[node.name]
-
-
-def _sender_addresses(nodes: list[PacsNode]) -> dict[str, set[str]]:
-    """AE title -> the IP addresses its node's host resolves to."""
-    out: dict[str, set[str]] = {}
-    for node in nodes:
-        addresses = out.setdefault(node.ae_title, set())
-        try:
-            infos = socket.getaddrinfo(node.host, None, proto=socket.IPPROTO_TCP)
-        except OSError:
-            log.warning("cannot resolve %s for node %s", node.host, node.name)
-            continue
-        for info in infos:
-            addresses.add(str(info[4][0]))
-        if addresses & {"127.0.0.1", "::1"}:
-            # A PACS on this machine may connect from any loopback address.
-            addresses |= {"127.0.0.1", "::1", "::ffff:127.0.0.1"}
-    return out

@@ -44,10 +44,12 @@ What it does, all on 127.0.0.1 and in a fresh temporary folder:
 4. (e) peak memory: a fresh gateway process with an empty cache streams the
    7-series study (``GET /dicomweb/studies/{st}``, cold, then once more warm) to
    curl; VmHWM of ``/proc/PID/status`` is read after each request, VmRSS sampled
-   every 20 ms during it;
+   every 20 ms during it, both summed over the gateway and its storage SCP child
+   process (so the VmHWM figure is an upper bound of their joint peak); "gateway
+   CPU" likewise counts both processes;
 5. with ``--profile`` (py-spy must be in the venv: ``pip install py-spy``): three
    more cold and three warm series retrieves (``--profile-runs``) in each of two
-   modes, each run with ``py-spy record --threads --rate 1000 --nonblocking``
+   modes, each run with ``py-spy record --threads --subprocesses --rate 1000 --nonblocking``
    attached to the gateway process: *wall* (``--idle``: where each thread spends
    its time, waits included) and *GIL* (``--gil``: who holds the interpreter);
    raw collapsed stacks into ``bench/results/retrieve-pyspy-{wall,gil}-{cold,warm}.txt``,
@@ -66,7 +68,6 @@ import argparse
 import contextlib
 import datetime as _dt
 import json
-import math
 import os
 import platform
 import re
@@ -146,6 +147,37 @@ def _status_kb(pid: int, key: str) -> int:
             if line.startswith(key + ":"):
                 return int(line.split()[1])
     return 0
+
+
+def _tree(pid: int) -> list[int]:
+    """``pid`` and its descendants: the gateway runs its storage SCP as a child."""
+    parents: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            text = stat.read_text()
+            ppid = int(text[text.rindex(")") + 2 :].split()[1])
+            parents.setdefault(ppid, []).append(int(stat.parent.name))
+    out, todo = [], [pid]
+    while todo:
+        current = todo.pop()
+        out.append(current)
+        todo.extend(parents.get(current, []))
+    return out
+
+
+def _tree_cpu(pid: int) -> float:
+    """CPU seconds of a process and its descendants."""
+    total = 0.0
+    for member in _tree(pid):
+        with contextlib.suppress(OSError):
+            total += _cpu_seconds(member)
+    return total
+
+
+def _tree_kb(pid: int, key: str) -> int:
+    """Sum of a /proc status value over a process and its descendants (for VmHWM
+    an upper bound of the peak they reached together)."""
+    return sum(_status_kb(member, key) for member in _tree(pid))
 
 
 def _clean_env() -> dict[str, str]:
@@ -364,7 +396,7 @@ class RssSampler:
 
     def _run(self) -> None:
         while not self._stop.is_set():
-            self.samples.append((time.perf_counter() - self._t0, _status_kb(self.pid, "VmRSS")))
+            self.samples.append((time.perf_counter() - self._t0, _tree_kb(self.pid, "VmRSS")))
             self._stop.wait(self.interval)
 
     def __enter__(self) -> RssSampler:
@@ -459,6 +491,7 @@ def _spy(pid: int, out: Path, duration: int, mode: str) -> subprocess.Popen[byte
         # wall: every thread all the time (idle waits too); gil: only the GIL holder.
         "--idle" if mode == "wall" else "--gil",
         "--threads",
+        "--subprocesses",
         "--format",
         "raw",
         "--duration",
@@ -634,13 +667,13 @@ def measure(args: argparse.Namespace) -> Report:
 
         def http_run(kind: str, url: str, round_number: int) -> Run:
             moves_before = len(gateway.moves())
-            gw_cpu = _cpu_seconds(gateway.pid) if gateway.process else 0.0
+            gw_cpu = _tree_cpu(gateway.pid) if gateway.process else 0.0
             or_cpu = _cpu_seconds(orthanc_pid)
             result = curl_get(url)
             run = Run(kind, round_number, result.total, result.ttfb, result.size)
             run.orthanc_cpu = _cpu_seconds(orthanc_pid) - or_cpu
             if kind in ("cold", "warm"):
-                run.gateway_cpu = _cpu_seconds(gateway.pid) - gw_cpu
+                run.gateway_cpu = _tree_cpu(gateway.pid) - gw_cpu
                 new_moves = gateway.moves()[moves_before:]
                 if kind == "warm" and new_moves:
                     raise RuntimeError(f"the warm request caused a C-MOVE: {new_moves}")
@@ -737,11 +770,11 @@ def study_memory(
         "series": BIG_SERIES,
         "instances": len(big_files),
         "data_bytes": data_bytes,
-        "idle_rss_kb": _status_kb(pid, "VmRSS"),
+        "idle_rss_kb": _tree_kb(pid, "VmRSS"),
     }
     for kind in ("cold", "warm"):
         moves_before = len(gateway.moves())
-        cpu = _cpu_seconds(pid)
+        cpu = _tree_cpu(pid)
         with RssSampler(pid) as sampler:
             result = curl_get(url)
         moves = gateway.moves()[moves_before:]
@@ -755,10 +788,10 @@ def study_memory(
             "seconds": result.total,
             "ttfb": result.ttfb,
             "body_bytes": result.size,
-            "gateway_cpu": _cpu_seconds(pid) - cpu,
-            "vmhwm_kb": _status_kb(pid, "VmHWM"),
+            "gateway_cpu": _tree_cpu(pid) - cpu,
+            "vmhwm_kb": _tree_kb(pid, "VmHWM"),
             "sampled_peak_rss_kb": sampler.peak_kb,
-            "rss_after_kb": _status_kb(pid, "VmRSS"),
+            "rss_after_kb": _tree_kb(pid, "VmRSS"),
             "moves": len(moves),
             "move_ms": [float(m["ms"]) for m in moves],
         }
@@ -1005,7 +1038,8 @@ def render(
         "Setup, all on 127.0.0.1: Orthanc (Debian) started by the script with "
         "`TCP_NODELAY=1` in its environment and `SyncStorageArea: false` (ingest only; "
         f"loading both studies took {setup['orthanc_load_seconds']} s).  The gateway runs as "
-        f"`{setup['gateway_command']}` in a session of its own; before every cold run it is "
+        f"`{setup['gateway_command']}` in a session of its own, with its storage SCP in a "
+        "child process (gateway CPU and memory count both); before every cold run it is "
         "stopped, `work_dir/cache` deleted, the process started again and given one "
         "request on the retrieve route with an invalid UID (400, no cache, no PACS: FastAPI "
         "builds its route state on a process's first request, ~25 ms), none of it timed.  "
@@ -1020,22 +1054,15 @@ def render(
     ]
     if report.profile:
         lines += profile_lines(report.profile)
-        per_instance = {k: v * 1000 / report.instances for k, v in med.items()}
-        lines += findings_lines(
-            report.profile,
-            per_instance["movescu"],
-            report.instances,
-            per_instance["warm"],
-            per_instance["orthanc"] / AIM_WARM_RATIO,
-        )
     lines += [MARK_END, ""]
     return "\n".join(lines)
 
 
 def profile_lines(profile: dict[str, Any], top: int = 7) -> list[str]:
     lines = [
-        f"py-spy `record --threads --rate {PYSPY_RATE} --nonblocking` on the gateway "
-        "process (`--profile`), in ms per instance; *wall* (`--idle`): where a thread "
+        f"py-spy `record --threads --subprocesses --rate {PYSPY_RATE} --nonblocking` on the "
+        "gateway process and its storage SCP child (`--profile`), in ms per instance; "
+        "*wall* (`--idle`): where a thread "
         "spends its time, waits for the network, the disk and the GIL included; *GIL* "
         "(`--gil`): who holds the interpreter.  Functions are inclusive; the raw "
         "collapsed stacks are in `bench/results/`.",
@@ -1056,105 +1083,6 @@ def profile_lines(profile: dict[str, Any], top: int = 7) -> list[str]:
                 f"  - `{thread}`{total}: "
                 + "; ".join(f"`{name}` {value:.2f}" for name, value in functions)
             )
-    lines.append("")
-    return lines
-
-
-def _fn(profile: dict[str, Any], key: str, thread: str, function: str) -> float:
-    """ms per instance of ``function`` (a prefix) in threads starting with ``thread``."""
-    data = profile.get(key, {})
-    found = [
-        max(values)
-        for name, functions in data.get("inclusive_ms_per_instance", {}).items()
-        if name.startswith(thread)
-        and (values := [v for f, v in functions if f.startswith(function)])
-    ]
-    return sum(found) if found else math.nan  # formats as "nan": not in the profile
-
-
-def _thread_ms(profile: dict[str, Any], key: str, thread: str) -> float:
-    data = profile.get(key, {})
-    return float(
-        sum(
-            v
-            for name, v in data.get("threads_ms_per_instance", {}).items()
-            if name.startswith(thread)
-        )
-    )
-
-
-def findings_lines(
-    profile: dict[str, Any],
-    storescp_ms: float,
-    instances: int,
-    warm_ms: float,
-    warm_budget_ms: float,
-) -> list[str]:
-    """What the profile says, with its numbers (ms per instance)."""
-    if "wall-cold" not in profile or "gil-cold" not in profile:
-        return []
-
-    def w(thread: str, function: str) -> str:
-        return f"{_fn(profile, 'wall-cold', thread, function):.2f}"
-
-    def g(key: str, thread: str, function: str | None = None) -> float:
-        if function is None:
-            return _thread_ms(profile, key, thread)
-        return _fn(profile, key, thread, function)
-
-    scp = "storescp-1"
-    pynetdicom = g("gil-cold", "Thread-") + g("gil-cold", "dimse_")
-    gil_total = sum(profile["gil-cold"]["threads_ms_per_instance"].values())
-    lines = [
-        "Where the time goes (from the profile above, ms per instance):",
-        "",
-        f"- **Cold, the receive thread (the critical path).** Orthanc sends the next "
-        "instance only after our C-STORE-RSP, so everything the storage SCP's association "
-        f"thread does per instance adds up: {_thread_ms(profile, 'wall-cold', scp):.2f} in "
-        f"all, of which `Retriever.close` {w(scp, 'Retriever.close')} (its "
-        f"`_study_series`, a pydicom `dcmread` of the just-written file for the study and "
-        f"series UIDs, {w(scp, '_study_series')}; `InstanceCache.commit` (stat, rename, "
-        f"sqlite insert and commit) {w(scp, 'InstanceCache.commit')}), `Retriever.open` "
-        f"(uuid4 + open of the temp file) {w(scp, 'Retriever.open')}, "
-        f"`_Association._send` of the ~200-byte C-STORE-RSP {w(scp, '_Association._send ')}, "
-        f"`_Instance._write` of ~525 KB {w(scp, '_Instance._write')} and `_Association._recv` "
-        f"{w(scp, '_Association._recv')}.  A send of 200 bytes is microseconds of system "
-        "time: the rest of `_send` (and part of `_write`, `_recv` and `open`) is the thread "
-        "waiting to take the GIL back after the system call (an ad-hoc `py-spy --native` run "
-        "showed those samples in `pthread_cond_timedwait` right after the call).  DCMTK "
-        f"storescp's whole cycle is {storescp_ms:.2f} per instance (median movescu time / "
-        f"{instances}).",
-        f"- **Cold, who holds the GIL** ({gil_total:.2f} ms per instance held in all): the "
-        f"receive thread {g('gil-cold', scp):.2f} (`_study_series` "
-        f"{g('gil-cold', scp, '_study_series'):.2f}), pynetdicom's C-MOVE SCU threads "
-        f"{pynetdicom:.2f} (decoding one pending C-MOVE-RSP per sub-operation into pydicom "
-        f"Datasets: `DIMSEServiceProvider.receive_primitive` "
-        f"{g('gil-cold', 'Thread-', 'DIMSEServiceProvider.receive_primitive'):.2f}, "
-        f"`Association._wrap_get_move_responses` "
-        f"{g('gil-cold', 'dimse_', 'Association._wrap_get_move_responses'):.2f}) and the "
-        f"event loop streaming the parts {g('gil-cold', 'MainThread'):.2f}.  All of it is "
-        "serialised by one interpreter, and every GIL hand-over delays the receive thread.",
-        f"- **So**: 0.8x storescp means a cycle of at most {storescp_ms / AIM_COLD_RATIO:.2f} "
-        f"per instance; the receive thread took {_thread_ms(profile, 'wall-cold', scp):.2f} "
-        f"and the process holds the GIL {gil_total:.2f} per instance.  What would shorten "
-        "the critical path is less Python per arrival in this process (no `dcmread` of "
-        "every arrival, no pydicom decoding of 300 pending C-MOVE responses next to the "
-        "receive thread), not a faster network path.",
-    ]
-    if "gil-warm" in profile and "wall-warm" in profile:
-        main = "MainThread"
-        send_gil = g("gil-warm", main, "RequestResponseCycle.send")
-        lines.append(
-            "- **Warm**: one thread, the event loop, does everything.  Per part (wall): "
-            f"`_read` {g('wall-warm', main, '_read'):.2f} (the file into a fresh bytes "
-            "object: a kernel copy) and uvicorn's `RequestResponseCycle.send` "
-            f"{g('wall-warm', main, 'RequestResponseCycle.send'):.2f}, which the GIL "
-            f"profile finds holding the interpreter ({send_gil:.2f} in its own runs): the "
-            "response has no Content-Length, so it is chunked and "
-            "uvicorn joins chunk header, part and CRLF into a new bytes object (a second "
-            "user-space copy of every part) before `transport.write`.  2x Orthanc means at "
-            f"most {warm_budget_ms:.2f} per part; the warm runs took {warm_ms:.2f}."
-        )
     lines.append("")
     return lines
 

@@ -35,6 +35,7 @@ from app.dimse import status as st
 from app.dimse.get import GetAssociationRejected, GetModel, GetUnsupported, c_get
 from app.dimse.move import MoveModel, MoveResult, c_move, raise_for_refusal
 from app.dimse.pool import AssociationPool
+from app.dimse.storeproc import Arrival, Expectation, StorageProcess, StorageProcessError
 from app.dimse.storescp import IncomingInstance
 from app.dimse.uidscan import part10_study_series
 from app.errors import AssociationAborted, GatewayError, NotFound, PacsError
@@ -149,6 +150,9 @@ class Retriever:
         self._lock = threading.Lock()
         self._ids = itertools.count(1)
         self.moves_started = 0
+        # Set by the runtime once the storage SCP process runs: C-MOVE arrivals
+        # come through it; C-GET arrivals come through open()/close() below.
+        self.storage: StorageProcess | None = None
 
     # -- what HTTP handlers call -------------------------------------------
 
@@ -270,15 +274,33 @@ class Retriever:
             fetch.finish(result, error)
 
     async def _move(self, node: PacsNode, fetch: Fetch, ident: Dataset) -> MoveResult:
-        result = await c_move(
-            self.pools[node.name],
-            ident,
-            MoveModel.STUDY_ROOT,
-            destination=self.ae_title,
-            msg_id=fetch.msg_id,
-            cancel=fetch.cancel,
+        storage = self.storage
+        if storage is None:
+            raise PacsError(node.name, "the gateway's storage SCP is not running")
+        target = fetch.target
+        expectation = Expectation(
+            fetch.msg_id, fetch.calling_ae, target.study, target.series, target.instance
         )
-        await self._settle(fetch, result)
+        try:
+            # The PACS may connect as soon as it has the C-MOVE-RQ: the receiver
+            # must know the retrieve first.
+            await asyncio.wrap_future(storage.expect(expectation))
+        except StorageProcessError as exc:
+            raise PacsError(
+                node.name, f"the gateway's storage SCP is not available: {exc}"
+            ) from exc
+        try:
+            result = await c_move(
+                self.pools[node.name],
+                ident,
+                MoveModel.STUDY_ROOT,
+                destination=self.ae_title,
+                msg_id=fetch.msg_id,
+                cancel=fetch.cancel,
+            )
+            await self._settle(fetch, result)
+        finally:
+            storage.forget(fetch.msg_id)
         return result
 
     @functools.cached_property
@@ -351,10 +373,11 @@ class Retriever:
         return result
 
     async def _settle(self, fetch: Fetch, result: MoveResult) -> None:
-        # Each C-STORE is answered only after its file is indexed, and the PACS
-        # sends the final C-MOVE response after the last C-STORE response: the
-        # arrivals are already queued on this loop.  A short grace covers PACS
-        # that answer before their last sub-operation is acknowledged.
+        # The PACS sends the final response after the last C-STORE-RSP, and each
+        # C-STORE is answered only after its file is written and reported: the
+        # last arrivals are at most a few messages behind on their way to this
+        # loop.  A short grace covers them and PACS that answer before their
+        # last sub-operation is acknowledged.
         expected = result.progress.completed + result.progress.warning
         for _ in range(40):
             if len(fetch.arrived) >= expected:
@@ -389,7 +412,35 @@ class Retriever:
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await fetch.task
 
-    # -- the storage SCP's sink (runs on its threads) ----------------------
+    # -- arrivals from the storage SCP process (its reader thread) -----------
+
+    def on_arrival(self, arrival: Arrival) -> None:
+        """Index an instance the storage process accepted for a running C-MOVE."""
+        with self._lock:
+            fetch = self._by_msg.get(arrival.msg_id)
+        if fetch is None:
+            # The retrieve ended (cancelled, or the PACS overran its final
+            # response): nobody will read the file.
+            log.warning("dropped %s: retrieve %d has ended", arrival.sop_uid, arrival.msg_id)
+            arrival.temp.unlink(missing_ok=True)
+            return
+        try:
+            cached = self.cache.commit(
+                arrival.temp,
+                study_uid=arrival.study_uid,
+                series_uid=arrival.series_uid,
+                sop_uid=arrival.sop_uid,
+                sop_class_uid=arrival.sop_class_uid,
+                transfer_syntax=arrival.transfer_syntax,
+            )
+        except (OSError, ValueError) as exc:
+            # Missing from the fetch, so the retrieve reports it incomplete.
+            log.error("could not keep %s: %s", arrival.sop_uid, exc)
+            arrival.temp.unlink(missing_ok=True)
+            return
+        fetch.loop.call_soon_threadsafe(fetch.arrive, cached)
+
+    # -- the C-GET receive path's sink (pynetdicom's threads) ---------------
 
     def open(self, incoming: IncomingInstance) -> BinaryIO | int:
         fetch = self._route(incoming)

@@ -1,0 +1,565 @@
+"""The storage SCP in a process of its own, driven by the gateway.
+
+A C-MOVE's throughput is set by one loop: the PACS sends the next instance
+only after our C-STORE-RSP.  Inside the gateway process that loop shared one
+interpreter lock with pynetdicom's C-MOVE requestor (it decodes every pending
+response into pydicom Datasets), the event loop streaming parts to clients,
+and the cache's bookkeeping: the receive thread kept waiting for the GIL and
+cold retrieves ran at half of DCMTK's ``storescp`` although the receiver alone
+matches it (``docs/benchmarks.md``).  Here the receiver keeps an interpreter to
+itself and does only what must happen before the C-STORE-RSP:
+
+* accept associations only from configured senders (calling AE title and
+  address; names are resolved again when an unknown address calls, so a PACS
+  whose address changed is not locked out until a restart);
+* accept an instance only when a retrieve expects it: the parent registers each
+  C-MOVE (its Message ID, the PACS's AE title, the study, series or instance
+  asked for) and waits for the acknowledgement before sending the C-MOVE-RQ;
+* write the Part 10 file to the cache's temporary folder, check the study and
+  series UIDs it declares against the retrieve, and only then answer Success.
+
+Each accepted instance is then reported to the parent, which moves it into the
+cache index and hands it to the waiting HTTP responses.  An instance the parent
+cannot index is therefore missing from its retrieve, and the retrieve's
+completeness check (arrivals against the C-MOVE's counts) reports it: a failed
+write is never a silent success.
+
+The parent talks to the child over a socket pair with
+:class:`multiprocessing.connection.Connection` messages (tuples of strings and
+ints).  The child ends when the parent says stop or when the socket closes (the
+parent died); the parent starts a new child if one dies, with the same port and
+the expectations that were open.
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import contextlib
+import itertools
+import logging
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from multiprocessing.connection import Connection
+from pathlib import Path
+from typing import Any, BinaryIO
+
+from app.dimse.storescp import (
+    STATUS_NOT_AUTHORIZED,
+    STATUS_OUT_OF_RESOURCES,
+    STATUS_SUCCESS,
+    IncomingInstance,
+    StorageSCP,
+)
+from app.dimse.uidscan import part10_study_series
+
+log = logging.getLogger(__name__)
+
+# An instance that contradicts its retrieve's study, series or instance: a
+# processing failure (PS3.4 B.2.3), as the in-process receiver answers.
+STATUS_MISMATCH = 0xC002
+
+_START_TIMEOUT = 30.0
+_ACK_TIMEOUT = 10.0
+_RESOLVE_INTERVAL = 30.0
+
+
+class StorageProcessError(RuntimeError):
+    """The storage process could not be started or stopped answering."""
+
+
+@dataclass(frozen=True, slots=True)
+class Expectation:
+    """What one running C-MOVE may deliver."""
+
+    msg_id: int
+    calling_ae: str
+    study_uid: str
+    series_uid: str | None = None
+    sop_uid: str | None = None
+
+    def covers(self, study: str, series: str, sop: str) -> bool:
+        return (
+            study == self.study_uid
+            and (self.series_uid is None or series == self.series_uid)
+            and (self.sop_uid is None or sop == self.sop_uid)
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Arrival:
+    """An instance the child wrote and acknowledged, waiting to be indexed."""
+
+    msg_id: int
+    sop_uid: str
+    sop_class_uid: str
+    transfer_syntax: str
+    study_uid: str
+    series_uid: str
+    temp: Path
+
+
+# --------------------------------------------------------------------------- parent side
+
+
+class StorageProcess:
+    """Start, feed and stop the storage SCP child.
+
+    ``senders`` maps each PACS AE title allowed to store to us to the host names
+    of its nodes.  ``on_arrival`` is called on a reader thread of this process
+    for every instance the child accepted; it owns the temporary file from then
+    on (index it, or delete it).
+    """
+
+    def __init__(
+        self,
+        ae_title: str,
+        *,
+        host: str,
+        port: int,
+        max_pdu: int,
+        senders: Mapping[str, Sequence[str]],
+        temp_dir: Path,
+        on_arrival: Callable[[Arrival], None],
+        log_level: str = "INFO",
+    ) -> None:
+        self.ae_title = ae_title
+        self.host = host
+        self.max_pdu = max_pdu
+        self.senders = {ae: list(hosts) for ae, hosts in senders.items()}
+        self.temp_dir = Path(temp_dir)
+        self.on_arrival = on_arrival
+        self.log_level = log_level
+        self._port = port
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._conn: Connection | None = None
+        self._reader: threading.Thread | None = None
+        self._send_lock = threading.Lock()
+        self._state_lock = threading.Lock()
+        self._expected: dict[int, Expectation] = {}
+        self._acks: dict[int, concurrent.futures.Future[None]] = {}
+        self._seq = itertools.count(1)
+        self._stopping = False
+        self._restarts = 0
+
+    @property
+    def port(self) -> int:
+        return self._port
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc is not None else None
+
+    @property
+    def restarts(self) -> int:
+        return self._restarts
+
+    # -- life cycle ----------------------------------------------------------
+
+    def start(self) -> None:
+        """Spawn the child and wait until it listens (blocking)."""
+        self._stopping = False
+        self._spawn()
+        self._reader = threading.Thread(
+            target=self._read_loop, name="storeproc-reader", daemon=True
+        )
+        self._reader.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Ask the child to stop (it aborts open associations), then reap it."""
+        self._stopping = True
+        proc, conn = self._proc, self._conn
+        if proc is None or conn is None:
+            return
+        with contextlib.suppress(OSError, ValueError):
+            self._send(("stop",))
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            log.warning("storage process %d did not stop in %.0f s; killing it", proc.pid, timeout)
+            proc.kill()
+            proc.wait(5)
+        with contextlib.suppress(OSError):
+            conn.close()
+        if self._reader is not None:
+            self._reader.join(timeout)
+        with self._state_lock:
+            for future in self._acks.values():
+                if not future.done():
+                    future.set_exception(StorageProcessError("the storage process stopped"))
+            self._acks.clear()
+        self._proc = self._conn = None
+
+    # -- expectations --------------------------------------------------------
+
+    def expect(self, expectation: Expectation) -> concurrent.futures.Future[None]:
+        """Register a retrieve; the future completes when the child has it.
+
+        The C-MOVE-RQ must not leave before: the PACS may connect at once.
+        """
+        future: concurrent.futures.Future[None] = concurrent.futures.Future()
+        with self._state_lock:
+            seq = next(self._seq)
+            self._expected[expectation.msg_id] = expectation
+            self._acks[seq] = future
+        try:
+            self._send(("expect", seq, *_expectation_fields(expectation)))
+        except (OSError, ValueError) as exc:
+            # The reader restarts a dead child and sends it every expectation,
+            # answering this future then; only a stopped process fails it.
+            if self._stopping:
+                with self._state_lock:
+                    self._acks.pop(seq, None)
+                future.set_exception(StorageProcessError(f"storage process gone: {exc}"))
+        return future
+
+    def forget(self, msg_id: int) -> None:
+        """The retrieve ended: later C-STOREs for it are refused."""
+        with self._state_lock:
+            self._expected.pop(msg_id, None)
+        with contextlib.suppress(OSError, ValueError):
+            self._send(("forget", msg_id))
+
+    # -- internals -------------------------------------------------------------
+
+    def _spawn(self) -> None:
+        parent_sock, child_sock = socket.socketpair()
+        config = {
+            "ae_title": self.ae_title,
+            "host": self.host,
+            "port": self._port,
+            "max_pdu": self.max_pdu,
+            "senders": self.senders,
+            "temp_dir": str(self.temp_dir),
+            "log_level": self.log_level,
+        }
+        try:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "app.dimse.storeproc", "--fd", str(child_sock.fileno())],
+                pass_fds=(child_sock.fileno(),),
+                stdin=subprocess.DEVNULL,
+                # Its own session: a Ctrl-C meant for the gateway must not kill the
+                # receiver before the gateway has finished its responses.
+                start_new_session=True,
+            )
+        finally:
+            child_sock.close()
+        conn = Connection(parent_sock.detach())
+        try:
+            conn.send(config)
+            if not conn.poll(_START_TIMEOUT):
+                raise StorageProcessError(f"no answer within {_START_TIMEOUT:g} s")
+            message = conn.recv()
+        except (OSError, EOFError, StorageProcessError) as exc:
+            conn.close()
+            proc.kill()
+            proc.wait(5)
+            raise StorageProcessError(f"the storage SCP process did not start: {exc}") from exc
+        if message[0] != "ready":
+            conn.close()
+            proc.wait(5)
+            raise StorageProcessError(f"the storage SCP could not start: {message[1]}")
+        self._port = int(message[1])
+        self._proc, self._conn = proc, conn
+
+    def _send(self, message: tuple[Any, ...]) -> None:
+        conn = self._conn
+        if conn is None:
+            raise OSError("no storage process")
+        with self._send_lock:
+            conn.send(message)
+
+    def _read_loop(self) -> None:
+        while True:
+            conn = self._conn
+            if conn is None:
+                return
+            try:
+                message = conn.recv()
+            except (EOFError, OSError):
+                if self._stopping or not self._respawn():
+                    return
+                continue
+            try:
+                self._dispatch(message)
+            except Exception:
+                log.exception("storage process: cannot handle %r", message[:2])
+
+    def _dispatch(self, message: tuple[Any, ...]) -> None:
+        kind = message[0]
+        if kind == "arrived":
+            _, msg_id, sop, sop_class, ts, study, series, temp = message
+            self.on_arrival(Arrival(msg_id, sop, sop_class, ts, study, series, Path(temp)))
+        elif kind == "ack":
+            with self._state_lock:
+                future = self._acks.pop(message[1], None)
+            if future is not None and not future.done():
+                future.set_result(None)
+
+    def _respawn(self) -> bool:
+        """Replace a child that died, with the expectations still open."""
+        proc = self._proc
+        code = proc.poll() if proc is not None else None
+        if proc is not None and code is None:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                code = proc.wait(2)
+        log.error("the storage SCP process ended unexpectedly (exit status %s); restarting", code)
+        old = self._conn
+        if old is not None:
+            with contextlib.suppress(OSError):
+                old.close()
+        for attempt in range(5):
+            if self._stopping:
+                return False
+            try:
+                self._spawn()
+                break
+            except StorageProcessError as exc:
+                log.error("storage SCP restart %d failed: %s", attempt + 1, exc)
+                time.sleep(0.5 * (attempt + 1))
+        else:
+            self._conn = None
+            with self._state_lock:
+                for future in self._acks.values():
+                    future.set_exception(StorageProcessError("the storage SCP cannot restart"))
+                self._acks.clear()
+            return False
+        self._restarts += 1
+        with self._state_lock:
+            pending = list(self._acks)
+            expected = list(self._expected.values())
+        for expectation in expected:
+            self._send(("expect", 0, *_expectation_fields(expectation)))
+        # Acknowledge what was waiting: the new child has every expectation now.
+        for seq in pending:
+            self._dispatch(("ack", seq))
+        return True
+
+
+def _expectation_fields(e: Expectation) -> tuple[int, str, str, str | None, str | None]:
+    return (e.msg_id, e.calling_ae, e.study_uid, e.series_uid, e.sop_uid)
+
+
+# --------------------------------------------------------------------------- child side
+
+
+class _SenderPolicy:
+    """Calling AE title -> the addresses its hosts resolve to, re-resolved (at most
+    every 30 s per AE) when a known AE calls from an unknown address."""
+
+    def __init__(self, hosts: Mapping[str, Sequence[str]]) -> None:
+        self._hosts = {ae: list(h) for ae, h in hosts.items()}
+        self._addresses: dict[str, set[str]] = {}
+        self._resolved: dict[str, float] = {}
+        self._lock = threading.Lock()
+        for ae in self._hosts:
+            self._resolve(ae)
+
+    def allow(self, calling_ae: str, address: str) -> bool:
+        with self._lock:
+            if calling_ae not in self._hosts:
+                return False
+            if address in self._addresses.get(calling_ae, ()):
+                return True
+            if time.monotonic() - self._resolved.get(calling_ae, 0.0) < _RESOLVE_INTERVAL:
+                return False
+            self._resolve(calling_ae)
+            return address in self._addresses[calling_ae]
+
+    def _resolve(self, ae: str) -> None:
+        addresses: set[str] = set()
+        for host in self._hosts[ae]:
+            try:
+                infos = socket.getaddrinfo(host, None, proto=socket.IPPROTO_TCP)
+            except OSError:
+                log.warning("cannot resolve %s, the host of sender %s", host, ae)
+                continue
+            addresses.update(str(info[4][0]) for info in infos)
+        if addresses & {"127.0.0.1", "::1"}:
+            # A PACS on this machine may connect from any loopback address.
+            addresses |= {"127.0.0.1", "::1", "::ffff:127.0.0.1"}
+        self._addresses[ae] = addresses
+        self._resolved[ae] = time.monotonic()
+
+
+class _ChildSink:
+    """The child's :class:`~app.dimse.storescp.InstanceSink`: expected instances to
+    temporary files, each reported to the parent once complete and checked."""
+
+    def __init__(self, conn: Connection, temp_dir: Path) -> None:
+        self._conn = conn
+        self._temp = os.path.join(temp_dir, "")
+        self._send_lock = threading.Lock()
+        self._lock = threading.Lock()
+        self._expected: dict[int, Expectation] = {}
+        self._files: dict[int, tuple[Expectation, str]] = {}
+
+    def send(self, message: tuple[Any, ...]) -> None:
+        with self._send_lock:
+            self._conn.send(message)
+
+    def expect(self, expectation: Expectation) -> None:
+        with self._lock:
+            self._expected[expectation.msg_id] = expectation
+
+    def forget(self, msg_id: int) -> None:
+        with self._lock:
+            self._expected.pop(msg_id, None)
+
+    def _route(self, incoming: IncomingInstance) -> Expectation | None:
+        with self._lock:
+            msg_id = incoming.move_originator_message_id
+            if msg_id is not None:
+                found = self._expected.get(msg_id)
+                if found is not None and found.calling_ae == incoming.calling_ae:
+                    return found
+                return None
+            # No originator ID (it is a U attribute): a retrieve from the same
+            # PACS, if there is only one; the study/series check follows at close.
+            candidates = [e for e in self._expected.values() if e.calling_ae == incoming.calling_ae]
+        return candidates[0] if len(candidates) == 1 else None
+
+    def open(self, incoming: IncomingInstance) -> BinaryIO | int:
+        expectation = self._route(incoming)
+        if expectation is None:
+            log.warning(
+                "refused C-STORE of %s from %s (%s): no retrieve is waiting for it "
+                "(Move Originator Message ID %s)",
+                incoming.sop_instance_uid,
+                incoming.calling_ae,
+                incoming.peer_address,
+                incoming.move_originator_message_id,
+            )
+            return STATUS_NOT_AUTHORIZED
+        if expectation.sop_uid and incoming.sop_instance_uid != expectation.sop_uid:
+            return STATUS_MISMATCH
+        path = f"{self._temp}{uuid.uuid4().hex}.part"
+        # Unbuffered: the receiver writes PDV slices of up to a PDU, no copy needed.
+        file = open(path, "wb", buffering=0)  # noqa: SIM115 - closed in close()
+        with self._lock:
+            self._files[id(file)] = (expectation, path)
+        return file
+
+    def close(self, incoming: IncomingInstance, file: BinaryIO, ok: bool) -> int:
+        with self._lock:
+            expectation, path = self._files.pop(id(file))
+        try:
+            file.close()
+        except OSError:
+            ok = False
+        if not ok:
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+            return STATUS_OUT_OF_RESOURCES
+        try:
+            study, series = _study_series(path, incoming.transfer_syntax_uid)
+        except (OSError, ValueError) as exc:
+            log.error("cannot read back %s: %s", incoming.sop_instance_uid, exc)
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+            return STATUS_OUT_OF_RESOURCES
+        if not expectation.covers(study, series, incoming.sop_instance_uid):
+            log.warning(
+                "refused %s: it belongs to study %s series %s, not to what retrieve %d asked for",
+                incoming.sop_instance_uid,
+                study,
+                series,
+                expectation.msg_id,
+            )
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+            return STATUS_MISMATCH
+        self.send(
+            (
+                "arrived",
+                expectation.msg_id,
+                incoming.sop_instance_uid,
+                incoming.sop_class_uid,
+                incoming.transfer_syntax_uid,
+                study,
+                series,
+                path,
+            )
+        )
+        return STATUS_SUCCESS
+
+
+def _study_series(path: str, transfer_syntax: str) -> tuple[str, str]:
+    """The UIDs the file itself declares: a header walk, pydicom when it cannot."""
+    with open(path, "rb") as f:
+        head = f.read(65536)
+    found = part10_study_series(head, transfer_syntax)
+    if found is not None:
+        return found
+    from pydicom import dcmread
+
+    ds = dcmread(
+        path, stop_before_pixels=True, specific_tags=["StudyInstanceUID", "SeriesInstanceUID"]
+    )
+    return str(ds.StudyInstanceUID), str(ds.SeriesInstanceUID)
+
+
+def _child_main(fd: int) -> int:
+    conn = Connection(fd)
+    config: dict[str, Any] = conn.recv()
+    logging.basicConfig(
+        level=config["log_level"],
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    sink = _ChildSink(conn, Path(config["temp_dir"]))
+    policy = _SenderPolicy(config["senders"])
+    scp = StorageSCP(
+        config["ae_title"],
+        host=config["host"],
+        port=config["port"],
+        sink=sink,
+        allow=policy.allow,
+        max_pdu=config["max_pdu"],
+    )
+    try:
+        scp.start()
+    except OSError as exc:
+        conn.send(("failed", f"cannot listen on {config['host']}:{config['port']}: {exc}"))
+        return 1
+    sink.send(("ready", scp.port))
+    try:
+        while True:
+            try:
+                message = conn.recv()
+            except (EOFError, OSError):
+                log.info("storage SCP: the gateway went away; stopping")
+                break
+            kind = message[0]
+            if kind == "expect":
+                _, seq, msg_id, calling_ae, study, series, sop = message
+                sink.expect(Expectation(msg_id, calling_ae, study, series, sop))
+                if seq:
+                    sink.send(("ack", seq))
+            elif kind == "forget":
+                sink.forget(message[1])
+            elif kind == "stop":
+                break
+    except KeyboardInterrupt:
+        pass
+    finally:
+        scp.stop()
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="dimse-gateway storage SCP child process")
+    parser.add_argument("--fd", type=int, required=True)
+    args = parser.parse_args(argv)
+    return _child_main(args.fd)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

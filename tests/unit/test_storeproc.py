@@ -1,0 +1,215 @@
+"""The storage SCP child process (``app.dimse.storeproc``) with a real sender.
+
+Each test starts a real child process on a free loopback port and sends to it
+with pynetdicom's C-STORE SCU, which can set Move Originator AE title and
+Message ID as a PACS doing a C-MOVE does.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import signal
+import socket
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pydicom
+import pytest
+from pydicom.dataset import Dataset
+from pynetdicom import AE
+
+from app.dimse.storeproc import STATUS_MISMATCH, Arrival, Expectation, StorageProcess
+from app.dimse.storescp import STATUS_NOT_AUTHORIZED
+from app.sampledata import ct_series, sample_patients
+from tests.peers.common import LOOPBACK
+
+GATEWAY_AE = "GWPROC"
+PACS_AE = "PACS"
+
+
+def _series(slices: int, series_number: int = 1) -> list[Dataset]:
+    patient = next(iter(sample_patients().values()))
+    return list(
+        ct_series(
+            patient=patient,
+            study_uid="1.2.826.0.1.3680043.8.498.4242",
+            series_number=series_number,
+            slices=slices,
+            rows=32,
+            cols=32,
+        )
+    )
+
+
+@pytest.fixture
+def arrivals() -> queue.Queue[Arrival]:
+    return queue.Queue()
+
+
+@pytest.fixture
+def storage(tmp_path: Path, arrivals: queue.Queue[Arrival]) -> Iterator[StorageProcess]:
+    temp = tmp_path / "tmp"
+    temp.mkdir()
+    proc = StorageProcess(
+        GATEWAY_AE,
+        host=LOOPBACK,
+        port=0,
+        max_pdu=1048576,
+        senders={PACS_AE: ["localhost"]},
+        temp_dir=temp,
+        on_arrival=arrivals.put,
+        log_level="WARNING",
+    )
+    proc.start()
+    yield proc
+    proc.stop()
+
+
+def _send(
+    port: int,
+    datasets: list[Dataset],
+    *,
+    msg_id: int | None,
+    calling_ae: str = PACS_AE,
+) -> list[int]:
+    ae = AE(ae_title=calling_ae)
+    ae.add_requested_context(datasets[0].SOPClassUID, datasets[0].file_meta.TransferSyntaxUID)
+    assoc = ae.associate(LOOPBACK, port, ae_title=GATEWAY_AE)
+    assert assoc.is_established, "the storage process refused the association"
+    statuses = []
+    try:
+        for ds in datasets:
+            kwargs = {} if msg_id is None else {"originator_aet": "MOVER", "originator_id": msg_id}
+            rsp = assoc.send_c_store(ds, **kwargs)
+            statuses.append(int(rsp.Status))
+    finally:
+        assoc.release()
+    return statuses
+
+
+def _expect(storage: StorageProcess, **fields: object) -> None:
+    storage.expect(Expectation(**fields)).result(timeout=10)  # type: ignore[arg-type]
+
+
+def test_expected_instances_are_written_and_reported(
+    storage: StorageProcess, arrivals: queue.Queue[Arrival]
+) -> None:
+    series = _series(3)
+    first = series[0]
+    _expect(
+        storage,
+        msg_id=11,
+        calling_ae=PACS_AE,
+        study_uid=first.StudyInstanceUID,
+        series_uid=first.SeriesInstanceUID,
+    )
+    assert _send(storage.port, series, msg_id=11) == [0, 0, 0]
+    got = [arrivals.get(timeout=5) for _ in series]
+    assert [a.sop_uid for a in got] == [ds.SOPInstanceUID for ds in series]
+    for arrival, ds in zip(got, series, strict=True):
+        assert (arrival.msg_id, arrival.study_uid, arrival.series_uid) == (
+            11,
+            ds.StudyInstanceUID,
+            ds.SeriesInstanceUID,
+        )
+        assert arrival.sop_class_uid == ds.SOPClassUID
+        written = pydicom.dcmread(arrival.temp)
+        assert written.file_meta.TransferSyntaxUID == ds.file_meta.TransferSyntaxUID
+        assert written.PixelData == ds.PixelData
+
+
+def test_unexpected_and_foreign_instances_are_refused(
+    storage: StorageProcess, arrivals: queue.Queue[Arrival], tmp_path: Path
+) -> None:
+    series = _series(1)
+    other = _series(1, series_number=2)
+    ds = series[0]
+    _expect(
+        storage,
+        msg_id=5,
+        calling_ae=PACS_AE,
+        study_uid=ds.StudyInstanceUID,
+        series_uid=ds.SeriesInstanceUID,
+    )
+    # Another move's Message ID, and this move's ID with another series.
+    assert _send(storage.port, series, msg_id=6) == [STATUS_NOT_AUTHORIZED]
+    assert _send(storage.port, other, msg_id=5) == [STATUS_MISMATCH]
+    storage.forget(5)
+    time.sleep(0.2)  # "forget" needs no answer; give the child time to read it
+    assert _send(storage.port, series, msg_id=5) == [STATUS_NOT_AUTHORIZED]
+    assert arrivals.empty()
+    assert list((tmp_path / "tmp").iterdir()) == []
+
+
+def test_without_an_originator_id_the_single_retrieve_from_that_pacs_gets_it(
+    storage: StorageProcess, arrivals: queue.Queue[Arrival]
+) -> None:
+    ds = _series(1)[0]
+    _expect(storage, msg_id=9, calling_ae=PACS_AE, study_uid=ds.StudyInstanceUID)
+    assert _send(storage.port, [ds], msg_id=None) == [0]
+    assert arrivals.get(timeout=5).msg_id == 9
+
+
+def test_unknown_sender_is_rejected(storage: StorageProcess) -> None:
+    ae = AE(ae_title="STRANGER")
+    ae.add_requested_context("1.2.840.10008.1.1")
+    assoc = ae.associate(LOOPBACK, storage.port, ae_title=GATEWAY_AE)
+    assert assoc.is_rejected
+
+
+def test_a_killed_child_is_replaced_on_the_same_port_with_its_expectations(
+    storage: StorageProcess, arrivals: queue.Queue[Arrival]
+) -> None:
+    ds = _series(1)[0]
+    _expect(storage, msg_id=3, calling_ae=PACS_AE, study_uid=ds.StudyInstanceUID)
+    port, pid = storage.port, storage.pid
+    assert pid is not None
+    os.kill(pid, signal.SIGKILL)
+    deadline = time.monotonic() + 20
+    while (storage.pid == pid or storage.restarts == 0) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert storage.restarts == 1 and storage.pid != pid
+    assert storage.port == port
+    assert _send(storage.port, [ds], msg_id=3) == [0]
+    assert arrivals.get(timeout=5).sop_uid == ds.SOPInstanceUID
+
+
+def test_stop_ends_the_child_and_closes_the_port(tmp_path: Path) -> None:
+    proc = StorageProcess(
+        GATEWAY_AE,
+        host=LOOPBACK,
+        port=0,
+        max_pdu=65536,
+        senders={},
+        temp_dir=tmp_path,
+        on_arrival=lambda _a: None,
+        log_level="WARNING",
+    )
+    proc.start()
+    port, pid = proc.port, proc.pid
+    assert pid is not None
+    proc.stop()
+    with pytest.raises(ProcessLookupError):
+        os.kill(pid, 0)
+    with pytest.raises(OSError), socket.create_connection((LOOPBACK, port), timeout=1):
+        pass
+    assert proc.restarts == 0
+
+
+def test_a_port_in_use_is_a_clear_start_error(tmp_path: Path) -> None:
+    with socket.socket() as busy:
+        busy.bind((LOOPBACK, 0))
+        busy.listen(1)
+        proc = StorageProcess(
+            GATEWAY_AE,
+            host=LOOPBACK,
+            port=busy.getsockname()[1],
+            max_pdu=65536,
+            senders={},
+            temp_dir=tmp_path,
+            on_arrival=lambda _a: None,
+        )
+        with pytest.raises(RuntimeError, match="cannot listen"):
+            proc.start()
