@@ -57,7 +57,13 @@ class CachedInstance:
     sop_class_uid: str
     transfer_syntax: str
     size: int
-    path: Path
+    # A string: a warm retrieve lists hundreds of instances, and building Path
+    # objects for them cost more than the index lookup and the stats together.
+    file: str
+
+    @property
+    def path(self) -> Path:
+        return Path(self.file)
 
 
 class InstanceCache:
@@ -126,7 +132,7 @@ class InstanceCache:
         if self._bytes > self.max_bytes:
             self.evict()
         return CachedInstance(
-            sop_uid, study_uid, series_uid, sop_class_uid, transfer_syntax, size, final
+            sop_uid, study_uid, series_uid, sop_class_uid, transfer_syntax, size, str(final)
         )
 
     def mark_series_complete(self, study_uid: str, series_uid: str, count: int) -> None:
@@ -179,7 +185,14 @@ class InstanceCache:
                 (time.time(), series_uid),
             )
             self._db.commit()
-        out = [self._checked(r) for r in rows]
+        folders: dict[tuple[str, str], str] = {}
+        out = []
+        for row in rows:
+            key = (row[1], row[2])
+            folder = folders.get(key)
+            if folder is None:
+                folder = folders[key] = str(self.path_for(row[1], row[2], row[0]).parent)
+            out.append(self._checked(row, folder))
         if any(i is None for i in out):
             return None
         return [i for i in out if i is not None]
@@ -191,11 +204,22 @@ class InstanceCache:
             ).fetchall()
         return [r[0] for r in rows]
 
-    def _checked(self, row: tuple[str, str, str, str, str, int]) -> CachedInstance | None:
+    def _checked(
+        self, row: tuple[str, str, str, str, str, int], folder: str | None = None
+    ) -> CachedInstance | None:
+        """The row as an instance if its file is there with the indexed size.
+
+        ``folder``: the row's study/series folder, already validated.
+        """
         sop, study, series, sop_class, ts, size = row
-        path = self.path_for(study, series, sop)
+        if folder is None:
+            path = str(self.path_for(study, series, sop))
+        elif valid_uid(sop):
+            path = f"{folder}{os.sep}{sop}.dcm"
+        else:
+            path = ""
         try:
-            actual = path.stat().st_size
+            actual = os.stat(path).st_size if path else -1
         except FileNotFoundError:
             actual = -1
         if actual != size:

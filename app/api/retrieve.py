@@ -142,7 +142,7 @@ def _read_part(head: bytes, inst: CachedInstance, trailer: bytes) -> memoryview 
     buf[:start] = head
     view = memoryview(buf)
     try:
-        with open(inst.path, "rb", buffering=0) as f:
+        with open(inst.file, "rb", buffering=0) as f:
             got = f.readinto(view[start:end])
     except FileNotFoundError:
         return None
