@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import mmap
+import os
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -66,6 +68,30 @@ def _read(path: Path) -> bytes:
         return f.read()
 
 
+def _mapped(file: str | Path, size: int) -> memoryview | None:
+    """The file's bytes without reading them: a read-only mapping of it.
+
+    Handed to the server as one body message, the mapping is copied once, by
+    the kernel, from the page cache into the socket; reading the file first
+    (the other copy) was a fifth of a warm retrieve's time.  Cached files are
+    never modified in place (written aside, renamed in, unlinked on eviction;
+    a mapping outlives the unlink), and the size is checked on the open file,
+    so a mapping never reaches past the end of its file.  None when the file is
+    gone or does not have the expected size.  The mapping is unmapped when the
+    last reference goes, i.e. once the server has sent it.
+    """
+    try:
+        fd = os.open(file, os.O_RDONLY)
+    except FileNotFoundError:
+        return None
+    try:
+        if os.fstat(fd).st_size != size or size == 0:
+            return None
+        return memoryview(mmap.mmap(fd, size, prot=mmap.PROT_READ))
+    finally:
+        os.close(fd)
+
+
 async def _multipart_instances(
     request: Request,
     gateway: Gateway,
@@ -80,12 +106,14 @@ async def _multipart_instances(
         return _cached_multipart(cached, boundary, base)
     warning = await delivery.prepare()
 
-    async def body() -> AsyncIterator[bytes]:
+    async def body() -> AsyncIterator[bytes | memoryview]:
         sent = 0
         async for inst in delivery:
             try:
                 data, ts = await _part_body(inst, negotiated)
-                payload = _read(data) if isinstance(data, Path) else data
+                payload = _mapped(data, inst.size) if isinstance(data, Path) else data
+                if payload is None:
+                    raise OSError("the cached file changed while being sent")
             except (OSError, GatewayError) as exc:
                 # Headers are gone: the only honest signal left is an
                 # unterminated body (no closing delimiter).
@@ -130,28 +158,6 @@ def _as_stored(inst: CachedInstance, negotiated: Negotiated) -> bool:
     return ts is None or ts == "*" or ts == inst.transfer_syntax
 
 
-def _read_part(head: bytes, inst: CachedInstance, trailer: bytes) -> memoryview | None:
-    """One whole part in one fresh buffer: header, file, trailer.
-
-    One message per part and no copy beyond the read itself: gluing bytes
-    objects together (or sending three messages) costs a third of a warm
-    retrieve's time.  Page-cache reads are cheaper than a thread hop.
-    """
-    start, end = len(head), len(head) + inst.size
-    buf = bytearray(end + len(trailer))
-    buf[:start] = head
-    view = memoryview(buf)
-    try:
-        with open(inst.file, "rb", buffering=0) as f:
-            got = f.readinto(view[start:end])
-    except FileNotFoundError:
-        return None
-    if got != inst.size:
-        return None
-    buf[end:] = trailer
-    return view
-
-
 def _cached_multipart(cached: list[CachedInstance], boundary: str, base: str) -> Response:
     """A complete cached retrieve sent as stored, with a Content-Length.
 
@@ -171,18 +177,22 @@ def _cached_multipart(cached: list[CachedInstance], boundary: str, base: str) ->
     closing = multipart.closing(boundary)
     length = sum(len(h) + inst.size + len(trailer) for h, inst in zip(headers, cached, strict=True))
     length += len(closing)
+    # Two messages per part: the previous part's trailer with this part's
+    # headers, then the mapped file, so the file bytes are never copied here.
+    leads = [headers[0], *(trailer + h for h in headers[1:])]
 
     async def body() -> AsyncIterator[bytes | memoryview]:
-        for head, inst in zip(headers, cached, strict=True):
-            part = _read_part(head, inst, trailer)
-            if part is None:
+        for lead, inst in zip(leads, cached, strict=True):
+            data = _mapped(inst.file, inst.size)
+            if data is None:
                 # Evicted or replaced since it was listed: end short rather than lie.
                 log.error("cached instance %s changed while being sent", inst.sop_uid)
                 return
-            yield part
+            yield lead
+            yield data
             # A warm stream would otherwise never yield the loop (PEERS.md).
             await asyncio.sleep(0)
-        yield closing
+        yield trailer + closing
 
     return StreamingResponse(
         body(),
