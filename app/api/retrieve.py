@@ -13,7 +13,7 @@ from typing import Any
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import StreamingResponse
 
-from app.api.deps import GatewayDep, NodeDep
+from app.api.deps import GatewayDep, NodeDep, until_disconnected
 from app.cache import CachedInstance
 from app.config import PacsNode
 from app.dicomweb import instances as dicom_files
@@ -104,7 +104,7 @@ async def _multipart_instances(
     cached = await delivery.all_cached()
     if cached is not None and all(_as_stored(inst, negotiated) for inst in cached):
         return _cached_multipart(cached, boundary, base)
-    warning = await delivery.prepare()
+    warning = await until_disconnected(request, delivery.prepare())
 
     async def body() -> AsyncIterator[bytes | memoryview]:
         sent = 0
@@ -306,7 +306,8 @@ async def study_metadata(
     series = await series_of_study(gateway, node, study)
     if not series:
         raise NotFound(f"study {study} was not found on {node.name!r}")
-    instances, warning = await _all_of(Delivery(gateway.retriever, node, study, series))
+    delivery = Delivery(gateway.retriever, node, study, series)
+    instances, warning = await until_disconnected(request, _all_of(delivery))
     return await _metadata(request, instances, warning)
 
 
@@ -317,7 +318,8 @@ async def series_metadata(
     check_uid("study", study)
     check_uid("series", series)
     _negotiate(request, ResourceKind.METADATA)
-    instances, warning = await _all_of(Delivery(gateway.retriever, node, study, [series]))
+    delivery = Delivery(gateway.retriever, node, study, [series])
+    instances, warning = await until_disconnected(request, _all_of(delivery))
     return await _metadata(request, instances, warning)
 
 

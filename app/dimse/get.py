@@ -70,6 +70,7 @@ from pynetdicom.association import Association
 from pynetdicom.dimse_primitives import C_STORE
 
 from app.dimse import status as st
+from app.dimse.cancel import CancelWatcher
 from app.dimse.find import QueryModel, c_find
 from app.dimse.move import MoveProgress, MoveResult, read_counts
 from app.dimse.pool import BUSY_POLL, AssociationPool, Lease, set_poll_delay, set_tcp_nodelay
@@ -586,35 +587,34 @@ def _exchange(
 ) -> MoveResult:
     progress = MoveProgress()
     last = time.monotonic()
-    cancel_sent = False
     final: Dataset | None = None
     failed_uids: list[str] = []
-    for rsp, ident in assoc.send_c_get(identifier, str(model), msg_id=msg_id):
-        now = time.monotonic()
-        if not rsp or "Status" not in rsp:
-            # pynetdicom yields an empty status on A-ABORT and on DIMSE time-out
-            # (after aborting).  C-STOREs count as activity: its timer restarts on
-            # each message, so only a silence that long is a time-out.
-            if now - max(last, receiver.last_store) >= dimse_timeout * 0.9:
-                raise DimseTimeout(node, f"C-GET: no answer within {dimse_timeout:g} s")
-            raise AssociationAborted(node, "C-GET: association aborted or lost")
-        last = now
-        code = int(rsp.Status)
-        if code not in st.PENDING:
-            progress.remaining = None
-        read_counts(rsp, progress)
-        if code in st.PENDING:
-            if on_progress is not None:
-                on_progress(progress)
-            if cancel.is_set() and not cancel_sent:
-                assoc.send_c_cancel(msg_id, query_model=str(model))
-                cancel_sent = True
-            continue
-        final = rsp
-        if ident is not None and "FailedSOPInstanceUIDList" in ident:
-            value = ident.FailedSOPInstanceUIDList
-            failed_uids = [str(v) for v in (value if isinstance(value, list) else [value])]
-        break
+    with CancelWatcher(assoc, msg_id, str(model), cancel) as watcher:
+        for rsp, ident in assoc.send_c_get(identifier, str(model), msg_id=msg_id):
+            now = time.monotonic()
+            if not rsp or "Status" not in rsp:
+                # pynetdicom yields an empty status on A-ABORT and on DIMSE time-out
+                # (after aborting).  C-STOREs count as activity: its timer restarts on
+                # each message, so only a silence that long is a time-out.
+                if now - max(last, receiver.last_store) >= dimse_timeout * 0.9:
+                    raise DimseTimeout(node, f"C-GET: no answer within {dimse_timeout:g} s")
+                raise AssociationAborted(node, "C-GET: association aborted or lost")
+            last = now
+            code = int(rsp.Status)
+            if code not in st.PENDING:
+                progress.remaining = None
+            read_counts(rsp, progress)
+            if code in st.PENDING:
+                if on_progress is not None:
+                    on_progress(progress)
+                if cancel.is_set():
+                    watcher.send()
+                continue
+            final = rsp
+            if ident is not None and "FailedSOPInstanceUIDList" in ident:
+                value = ident.FailedSOPInstanceUIDList
+                failed_uids = [str(v) for v in (value if isinstance(value, list) else [value])]
+            break
     if final is None:
         raise AssociationAborted(node, "C-GET ended without a final response")
     if on_progress is not None:

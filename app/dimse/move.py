@@ -21,6 +21,7 @@ from enum import StrEnum
 from pydicom.dataset import Dataset
 
 from app.dimse import status as st
+from app.dimse.cancel import CancelWatcher
 from app.dimse.pool import AssociationPool, Lease, quiesce_reactor
 from app.errors import AssociationAborted, DimseTimeout, PacsFailureStatus
 
@@ -137,7 +138,6 @@ def _move_blocking(
     node = pool.node
     progress = MoveProgress()
     started = last = time.monotonic()
-    cancel_sent = False
     final: Dataset | None = None
     failed_uids: list[str] = []
     answered = False
@@ -145,38 +145,38 @@ def _move_blocking(
         lease.reusable = False
         raise Unanswered(node.name, "association not responsive")
     try:
-        for rsp, ident in lease.assoc.send_c_move(
-            identifier, destination, str(model), msg_id=msg_id
-        ):
-            now = time.monotonic()
-            if not rsp or "Status" not in rsp:
-                lease.reusable = False
-                if now - last >= node.dimse_timeout * 0.9:
-                    raise DimseTimeout(
-                        node.name, f"C-MOVE: no answer within {node.dimse_timeout:g} s"
-                    )
-                lost = Unanswered if not answered else AssociationAborted
-                raise lost(node.name, "C-MOVE: association aborted or lost")
-            answered = True
-            last = now
-            code = int(rsp.Status)
-            if code not in st.PENDING:
-                # Counts are optional in the final response (PS3.7 9.1.4.1.8): a
-                # "remaining" left over from the last pending one must not survive.
-                progress.remaining = None
-            read_counts(rsp, progress)
-            if code in st.PENDING:
-                if on_progress is not None:
-                    on_progress(progress)
-                if cancel.is_set() and not cancel_sent:
-                    lease.assoc.send_c_cancel(msg_id, query_model=str(model))
-                    cancel_sent = True
-                continue
-            final = rsp
-            if ident is not None and "FailedSOPInstanceUIDList" in ident:
-                value = ident.FailedSOPInstanceUIDList
-                failed_uids = [str(v) for v in (value if isinstance(value, list) else [value])]
-            break
+        with CancelWatcher(lease.assoc, msg_id, str(model), cancel) as watcher:
+            for rsp, ident in lease.assoc.send_c_move(
+                identifier, destination, str(model), msg_id=msg_id
+            ):
+                now = time.monotonic()
+                if not rsp or "Status" not in rsp:
+                    lease.reusable = False
+                    if now - last >= node.dimse_timeout * 0.9:
+                        raise DimseTimeout(
+                            node.name, f"C-MOVE: no answer within {node.dimse_timeout:g} s"
+                        )
+                    lost = Unanswered if not answered else AssociationAborted
+                    raise lost(node.name, "C-MOVE: association aborted or lost")
+                answered = True
+                last = now
+                code = int(rsp.Status)
+                if code not in st.PENDING:
+                    # Counts are optional in the final response (PS3.7 9.1.4.1.8): a
+                    # "remaining" left over from the last pending one must not survive.
+                    progress.remaining = None
+                read_counts(rsp, progress)
+                if code in st.PENDING:
+                    if on_progress is not None:
+                        on_progress(progress)
+                    if cancel.is_set():
+                        watcher.send()
+                    continue
+                final = rsp
+                if ident is not None and "FailedSOPInstanceUIDList" in ident:
+                    value = ident.FailedSOPInstanceUIDList
+                    failed_uids = [str(v) for v in (value if isinstance(value, list) else [value])]
+                break
     except RuntimeError as exc:
         # pynetdicom raises this when the association died before the request.
         lease.reusable = False

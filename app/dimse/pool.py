@@ -20,6 +20,7 @@ import contextlib
 import itertools
 import logging
 import socket
+import threading
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -326,12 +327,20 @@ class AssociationPool:
     def _release_orphan(self, opening: asyncio.Future[Association]) -> None:
         if opening.cancelled() or opening.exception() is not None:
             return
-        self._executor.submit(_release, opening.result())
+        self._close_assoc(opening.result(), abort=False)
 
     def _discard(self, lease: Lease, *, abort: bool) -> None:
         self._discarded += 1
+        self._close_assoc(lease.assoc, abort=abort)
+
+    def _close_assoc(self, assoc: Association, *, abort: bool) -> None:
         fn = _abort if abort else _release
-        asyncio.get_running_loop().run_in_executor(self._executor, fn, lease.assoc)
+        try:
+            self._executor.submit(fn, assoc)
+        except RuntimeError:
+            # The executor is shut down: an operation outlived the gateway's
+            # shutdown (it was waiting on a silent PACS).  Still close it.
+            threading.Thread(target=fn, args=(assoc,), daemon=True).start()
 
     async def _reap_idle(self) -> None:
         interval = max(0.5, min(5.0, self.node.idle_timeout / 4))

@@ -584,8 +584,16 @@ class Delivery:
         return out
 
     async def prepare(self) -> str | None:
-        """Raise if nothing can be delivered; return a Warning text for a partial result."""
-        source = await self._source(0)
+        """Raise if nothing can be delivered; return a Warning text for a partial result.
+
+        Cancelling it (the client left before the first byte) stops the moves
+        this delivery started that nobody else waits for.
+        """
+        try:
+            source = await self._source(0)
+        except asyncio.CancelledError:
+            self.abandon()
+            raise
         if isinstance(source, list):
             return None
         fetch = source
@@ -595,7 +603,11 @@ class Delivery:
         try:
             while not fetch.arrived and not fetch.done:
                 await fetch.changed()
-        finally:
+        except asyncio.CancelledError:
+            fetch.subscribers -= 1
+            self.abandon()
+            raise
+        else:
             fetch.subscribers -= 1
         if fetch.arrived:
             if fetch.done and (fetch.error is not None or fetch.missing):
@@ -607,6 +619,12 @@ class Delivery:
             f"series {self.series[0]} of study {self.study} delivered no instances "
             f"({incomplete_message(fetch)})"
         )
+
+    def abandon(self) -> None:
+        """Stop the moves of this delivery that no request waits for (C-CANCEL)."""
+        for source in self._sources.values():
+            if isinstance(source, Fetch):
+                self.retriever.abandon(source)
 
     async def __aiter__(self) -> AsyncIterator[CachedInstance]:
         fetch: Fetch | None = None
