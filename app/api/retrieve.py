@@ -92,6 +92,37 @@ def _mapped(file: str | Path, size: int) -> memoryview | None:
         os.close(fd)
 
 
+# Above this a file is not mapped whole (its pages would all count in the
+# gateway's memory until the server has sent it) but read in chunks off the loop.
+_MAP_LIMIT = 64 * 1024 * 1024
+# Body messages are at most this long: uvicorn copies each message of a chunked
+# response once, so a multi-gigabyte multi-frame object must not be one message.
+_CHUNK = 8 * 1024 * 1024
+
+
+async def _file_chunks(file: str | Path, size: int) -> AsyncIterator[memoryview | bytes]:
+    """The bytes of a cached file as body messages; OSError if it is not the
+    file that was indexed (gone, or another size)."""
+    if size <= _MAP_LIMIT:
+        view = _mapped(file, size)
+        if view is None:
+            raise OSError(f"{file} changed since it was indexed")
+        for start in range(0, size, _CHUNK):
+            yield view[start : start + _CHUNK]
+        return
+    fd = await asyncio.to_thread(os.open, file, os.O_RDONLY)
+    try:
+        if os.fstat(fd).st_size != size:
+            raise OSError(f"{file} changed since it was indexed")
+        for start in range(0, size, _CHUNK):
+            chunk = await asyncio.to_thread(os.pread, fd, min(_CHUNK, size - start), start)
+            if len(chunk) != min(_CHUNK, size - start):
+                raise OSError(f"{file} was truncated while being sent")
+            yield chunk
+    finally:
+        os.close(fd)
+
+
 async def _multipart_instances(
     request: Request,
     gateway: Gateway,
@@ -111,21 +142,23 @@ async def _multipart_instances(
         async for inst in delivery:
             try:
                 data, ts = await _part_body(inst, negotiated)
-                payload = _mapped(data, inst.size) if isinstance(data, Path) else data
-                if payload is None:
-                    raise OSError("the cached file changed while being sent")
+                size = inst.size if isinstance(data, Path) else len(data)
+                yield multipart.part_header(
+                    boundary,
+                    f"application/dicom; transfer-syntax={ts}",
+                    _instance_url(base, inst),
+                    size,
+                )
+                if isinstance(data, Path):
+                    async for chunk in _file_chunks(data, size):
+                        yield chunk
+                else:
+                    yield data
             except (OSError, GatewayError) as exc:
                 # Headers are gone: the only honest signal left is an
                 # unterminated body (no closing delimiter).
                 log.error("retrieve of %s stopped at %s: %s", delivery.study, inst.sop_uid, exc)
                 return
-            yield multipart.part_header(
-                boundary,
-                f"application/dicom; transfer-syntax={ts}",
-                _instance_url(base, inst),
-                len(payload),
-            )
-            yield payload
             yield multipart.part_trailer()
             sent += 1
             # A warm stream would otherwise never yield the loop (PEERS.md).
@@ -183,13 +216,15 @@ def _cached_multipart(cached: list[CachedInstance], boundary: str, base: str) ->
 
     async def body() -> AsyncIterator[bytes | memoryview]:
         for lead, inst in zip(leads, cached, strict=True):
-            data = _mapped(inst.file, inst.size)
-            if data is None:
-                # Evicted or replaced since it was listed: end short rather than lie.
-                log.error("cached instance %s changed while being sent", inst.sop_uid)
-                return
             yield lead
-            yield data
+            try:
+                async for chunk in _file_chunks(inst.file, inst.size):
+                    yield chunk
+            except OSError as exc:
+                # Evicted or replaced since it was listed: end short (the client
+                # sees fewer bytes than Content-Length) rather than lie.
+                log.error("cached instance %s could not be sent: %s", inst.sop_uid, exc)
+                return
             # A warm stream would otherwise never yield the loop (PEERS.md).
             await asyncio.sleep(0)
         yield trailer + closing

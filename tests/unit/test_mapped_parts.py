@@ -3,8 +3,12 @@ never past the end of a file that changed since it was indexed."""
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 
+import pytest
+
+from app.api import retrieve
 from app.api.retrieve import _mapped
 
 
@@ -35,3 +39,27 @@ def test_a_mapping_survives_the_eviction_of_its_file(tmp_path: Path) -> None:
     assert view is not None
     path.unlink()
     assert bytes(view[:4]) == b"DICM" and len(view) == 20000
+
+
+async def _collect(file: Path, size: int) -> bytes:
+    return b"".join([bytes(c) async for c in retrieve._file_chunks(file, size)])
+
+
+@pytest.mark.parametrize("limit", [1 << 30, 1000], ids=["mapped", "read in chunks"])
+def test_file_chunks_bound_each_message(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, limit: int
+) -> None:
+    monkeypatch.setattr(retrieve, "_MAP_LIMIT", limit)
+    monkeypatch.setattr(retrieve, "_CHUNK", 4096)
+    path = tmp_path / "big.dcm"
+    data = bytes(range(251)) * 100  # 25100 bytes: 7 chunks, the last one short
+    path.write_bytes(data)
+    sizes = asyncio.run(_sizes(path, len(data)))
+    assert sizes == [4096] * 6 + [25100 - 6 * 4096]
+    assert asyncio.run(_collect(path, len(data))) == data
+    with pytest.raises(OSError, match="changed since it was indexed"):
+        asyncio.run(_collect(path, len(data) + 1))
+
+
+async def _sizes(file: Path, size: int) -> list[int]:
+    return [len(c) async for c in retrieve._file_chunks(file, size)]
