@@ -46,7 +46,7 @@ import mmap
 import struct
 from collections import Counter, deque
 from collections.abc import Generator, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -64,11 +64,14 @@ __all__ = [
     "NIFTI_HEADER_SIZE",
     "SLICE_TOLERANCE_MM",
     "Chunk",
+    "SeriesPart",
     "Volume",
+    "build_part",
     "build_volume",
     "build_volumes",
     "nifti_header",
     "nifti_size",
+    "split_series",
     "to_nifti",
     "write_nifti",
 ]
@@ -215,6 +218,9 @@ class _Frame:
     tilt: float
     thickness: float | None
     spacing_between: float | None
+    echo_number: float | None = None  # EchoNumbers (0018,0086), for naming split volumes
+    echo_time: float | None = None  # EchoTime or EffectiveEchoTime (ms)
+    image_type_values: tuple[str, ...] = ()  # ImageType / FrameType as stored
 
     def describe(self) -> str:
         name = self.source.path.name
@@ -490,12 +496,32 @@ def _mosaic_geometry(src: _Source) -> tuple[int, FloatVector]:
 # ------------------------------------------------------------------------- frame extraction
 
 
+def _values(value: Any) -> tuple[str, ...]:
+    if value is None:
+        return ()
+    items = value.split("\\") if isinstance(value, str) else list(value)
+    return tuple(str(v).strip() for v in items)
+
+
+def _first(value: Any) -> Any:
+    if isinstance(value, str | bytes) or not hasattr(value, "__iter__"):
+        return value
+    items = list(value)
+    return items[0] if items else None
+
+
 def _image_type(values: Any) -> str:
     if values is None:
         return ""
     items = values.split("\\") if isinstance(values, str) else list(values)
     # Values 1 and 2 (ORIGINAL/DERIVED, PRIMARY/SECONDARY) do not change what a voxel means.
     return "\\".join(str(v).upper() for v in items[2:])
+
+
+def _echo_time(value: Any) -> float | None:
+    # A zero echo time marks a derived image (a field map), not an echo.
+    te = _float(_first(value))
+    return te if te else None
 
 
 def _echo_key(echo_number: Any, echo_time: Any) -> str:
@@ -551,7 +577,10 @@ def _classic_frames(src: _Source) -> list[_Frame]:
         "slope": _number(_text(ds, "RescaleSlope"), 1.0) or 1.0,
         "intercept": _number(_text(ds, "RescaleIntercept"), 0.0),
         "echo": _echo_key(_text(ds, "EchoNumbers"), _text(ds, "EchoTime")),
+        "echo_number": _float((_text(ds, "EchoNumbers") or "").split("\\")[0]),
+        "echo_time": _echo_time(_text(ds, "EchoTime")),
         "image_type": _image_type(_text(ds, "ImageType")),
+        "image_type_values": _values(_text(ds, "ImageType")),
         "temporal": temporal,
         "tilt": _number(_text(ds, "GantryDetectorTilt"), 0.0),
         "thickness": _float(_text(ds, "SliceThickness")),
@@ -636,6 +665,9 @@ def _enhanced_frames(src: _Source) -> list[_Frame]:
                 _number(ds.get("GantryDetectorTilt"), 0.0),
                 _float(measures.get("SliceThickness")) if measures else None,
                 _float(measures.get("SpacingBetweenSlices")) if measures else None,
+                echo_number=None if echo else _float(_first(ds.get("EchoNumbers"))),
+                echo_time=_echo_time(echo.get("EffectiveEchoTime") if echo else ds.get("EchoTime")),
+                image_type_values=_values(frame_type),
             )
         )
     return frames
@@ -1069,33 +1101,129 @@ def build_volume(paths: Sequence[Path]) -> Volume:
     return volume
 
 
-def _split_key(frame: _Frame) -> tuple[Any, ...]:
-    return (
-        _text(frame.source.ds, "SeriesInstanceUID") or "",
-        frame.echo,
-        frame.image_type,
-        tuple(round(v, 3) for v in frame.orientation),
-        frame.rows,
-        frame.cols,
-        tuple(round(v, 4) for v in frame.pixel_spacing),
+def _split_key(frame: _Frame) -> tuple[str, str]:
+    # Only the dimensions dcm2niix writes as separate files of one acquisition
+    # (_e2, _ph...).  Mixed series, orientations or matrix sizes stay in one
+    # group, for _assemble to refuse: they are not parts of one volume.
+    return frame.echo, frame.image_type
+
+
+@dataclass(frozen=True, eq=False)
+class SeriesPart:
+    """One of the volumes dcm2niix writes for a series it splits (one echo, one image type...).
+
+    ``number`` counts from 1 in the order of :func:`split_series`; ``echo_number``
+    is EchoNumbers (or the rank of the echo time when the files carry none),
+    ``echo_time`` in ms; ``image_type`` is ImageType (FrameType) as stored;
+    ``suffix`` is the file-name suffix dcm2niix would add (``_e2``, ``_ph``...).
+    """
+
+    number: int
+    echo_number: int | None
+    echo_time: float | None
+    image_type: tuple[str, ...]
+    images: int
+    suffix: str
+    frames: tuple[_Frame, ...] = field(repr=False)
+
+
+def _part_order(frames: Sequence[_Frame]) -> tuple[float, float, str]:
+    first = frames[0]
+    number = first.echo_number if first.echo_number is not None else math.inf
+    time = first.echo_time if first.echo_time is not None else math.inf
+    return number, time, first.image_type
+
+
+_PHASE_TYPES = {"P", "PHASE"}
+_REAL_TYPES = {"R", "REAL"}
+_IMAGINARY_TYPES = {"I", "IMAGINARY"}
+_FIELD_MAP_TYPES = {"FIELD_MAP", "B0", "B0MAP"}
+
+
+def _type_suffix(image_type: str) -> str:
+    values = set(image_type.split("\\"))
+    if values & _PHASE_TYPES:
+        return "_ph"
+    if values & _REAL_TYPES:
+        return "_real"
+    if values & _IMAGINARY_TYPES:
+        return "_imaginary"
+    if values & _FIELD_MAP_TYPES:
+        return "_fieldmap"
+    return ""
+
+
+def _parts(frames: list[_Frame]) -> list[SeriesPart]:
+    groups: dict[tuple[Any, ...], list[_Frame]] = {}
+    for frame in frames:
+        groups.setdefault(_split_key(frame), []).append(frame)
+    # Echo number, echo time, image type: the order of dcm2niix's _e1, _e2...,
+    # and independent of the order the files arrived in.
+    ordered = sorted(groups.values(), key=_part_order)
+    echoes = sorted(
+        {(f[0].echo_number, f[0].echo_time) for f in ordered if f[0].echo_time is not None},
+        key=_echo_sort,
     )
+    types = {f[0].image_type for f in ordered}
+    parts = []
+    for number, group in enumerate(ordered, start=1):
+        first = group[0]
+        echo_number: int | None = None
+        if first.echo_number is not None:
+            echo_number = int(first.echo_number)
+        elif first.echo_time is not None:
+            echo_number = echoes.index((None, first.echo_time)) + 1
+        suffix = f"_e{echo_number}" if len(echoes) > 1 and echo_number is not None else ""
+        if len(types) > 1:
+            suffix += _type_suffix(first.image_type)
+        parts.append(
+            SeriesPart(
+                number=number,
+                echo_number=echo_number,
+                echo_time=first.echo_time,
+                image_type=first.image_type_values,
+                images=len(group),
+                suffix=suffix,
+                frames=tuple(group),
+            )
+        )
+    suffixes = [p.suffix for p in parts]
+    if len(set(suffixes)) != len(suffixes):
+        # Image types without a dcm2niix name (e.g. ORIGINAL vs DERIVED maps): number them.
+        parts = [replace(p, suffix=f"{p.suffix}_i{p.number}") for p in parts]
+    return parts
+
+
+def _echo_sort(echo: tuple[float | None, float | None]) -> tuple[float, float]:
+    number, time = echo
+    return (math.inf if number is None else number, math.inf if time is None else time)
+
+
+def split_series(paths: Sequence[Path]) -> list[SeriesPart]:
+    """The volumes dcm2niix would write for these files, from their headers only.
+
+    Frames are grouped by echo and image type (ImageType / FrameType values
+    3 and up, e.g. magnitude vs. phase or field map) and ordered by echo
+    number, then echo time, then image type (dcm2niix's ``_e1``/``_e2``/...
+    order).  No pixel data is read: :func:`build_part` stacks one part.
+    """
+    return _parts(_read_frames(paths))
+
+
+def build_part(part: SeriesPart) -> Volume:
+    """Stack one part of :func:`split_series` (``ConversionError`` if it is not one volume)."""
+    volume = _assemble(list(part.frames))
+    _strip_pixels([volume])
+    return volume
 
 
 def build_volumes(paths: Sequence[Path]) -> list[Volume]:
     """Like :func:`build_volume`, but split what dcm2niix would split into several outputs.
 
-    Frames are grouped by series, echo, image type (ImageType / FrameType values
-    3 and up, e.g. magnitude vs. phase or field map), orientation, matrix and
-    pixel spacing, in order of first appearance; each group must make one
-    regular volume on its own, else :class:`ConversionError`.  The order
-    matches dcm2niix's ``_e1``/``_e2``/... suffixes for multi-echo data.
+    One volume per :class:`SeriesPart` of :func:`split_series`, in its order;
+    each part must make one regular volume on its own, else :class:`ConversionError`.
     """
-    groups: dict[tuple[Any, ...], list[_Frame]] = {}
-    for frame in _read_frames(paths):
-        groups.setdefault(_split_key(frame), []).append(frame)
-    volumes = [_assemble(frames) for frames in groups.values()]
-    _strip_pixels(volumes)
-    return volumes
+    return [build_part(part) for part in split_series(paths)]
 
 
 def _assemble(frames: list[_Frame]) -> Volume:

@@ -29,10 +29,12 @@ from pydicom.uid import UID, ExplicitVRLittleEndian, generate_uid
 from app.convert.nifti import (
     NIFTI_HEADER_SIZE,
     Volume,
+    build_part,
     build_volume,
     build_volumes,
     nifti_header,
     nifti_size,
+    split_series,
     to_nifti,
     write_nifti,
 )
@@ -424,6 +426,49 @@ def test_mixed_echoes_are_refused_and_split_on_request(tmp_path: Path) -> None:
     volumes = build_volumes(paths)
     assert [v.shape for v in volumes] == [(4, 32, 32), (4, 32, 32)]
     assert [float(v.headers[0].EchoTime) for v in volumes] == [12.0, 90.0]
+
+
+def test_split_order_and_names_do_not_depend_on_file_order(tmp_path: Path) -> None:
+    """Echoes in echo order, magnitude before phase, dcm2niix's suffixes, whatever the arrival."""
+    datasets = []
+    for number, echo_time in ((2, 40.0), (1, 12.0)):
+        for kind in ("P", "M"):
+            for ds in _mr(slices=3, rows=16, cols=16, echo_time=echo_time):
+                clone = _renew_uid(ds, f"{number}-{kind}")
+                clone.EchoNumbers = number
+                clone.ImageType = ["ORIGINAL", "PRIMARY", kind, "ND"]
+                datasets.append(clone)
+    paths = _write(datasets, tmp_path)
+    random.Random(3).shuffle(paths)
+    parts = split_series(paths)
+    assert [(p.number, p.echo_number, p.echo_time, p.suffix) for p in parts] == [
+        (1, 1, 12.0, "_e1"),
+        (2, 1, 12.0, "_e1_ph"),
+        (3, 2, 40.0, "_e2"),
+        (4, 2, 40.0, "_e2_ph"),
+    ]
+    assert [p.image_type[2] for p in parts] == ["M", "P", "M", "P"]
+    assert all(p.images == 3 for p in parts)
+    assert split_series(sorted(paths))[2].suffix == "_e2"
+
+    volume = build_part(parts[2])
+    assert volume.shape == (3, 16, 16)
+    assert {ds.SOPInstanceUID for ds in volume.headers} <= {
+        ds.SOPInstanceUID for ds in datasets if ds.EchoNumbers == 2 and ds.ImageType[2] == "M"
+    }
+    side = sidecar(volume.headers, echo_number=2, echo_time=40.0)
+    assert side["EchoNumber"] == 2 and side["EchoTime"] == 0.04
+    # Without a multi-echo context, echo 1 is not named (dcm2niix's single-echo sidecars).
+    assert "EchoNumber" not in sidecar(build_part(parts[0]).headers)
+    assert sidecar(build_part(parts[0]).headers, echo_number=1)["EchoNumber"] == 1
+
+
+def test_mixed_orientations_stay_one_part_and_are_refused(tmp_path: Path) -> None:
+    axial = _mr(oblique=False, slices=3, rows=16, cols=16)
+    oblique = [_renew_uid(ds, "oblique") for ds in _mr(oblique=True, slices=3, rows=16, cols=16)]
+    (part,) = split_series(_write(axial + oblique, tmp_path))
+    with pytest.raises(ConversionError, match="mixed orientations"):
+        build_part(part)
 
 
 def test_colour_images_are_refused() -> None:
