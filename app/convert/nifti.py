@@ -159,6 +159,7 @@ class Volume:
     rescale_slope: float | None = 1.0
     rescale_intercept: float | None = 0.0
     notes: tuple[str, ...] = field(default=())
+    resampled: str | None = None  # why and how voxels were interpolated (gantry tilt), if so
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -728,12 +729,6 @@ def _check_uniform(frames: Sequence[_Frame]) -> None:
     if odd_ps:
         counter = Counter("\\".join(f"{v:g}" for v in f.pixel_spacing) for f in frames)
         raise ConversionError(f"mixed pixel spacings (PixelSpacing): {_summary(counter)}")
-    tilted = [f for f in frames if abs(f.tilt) > 1e-3]
-    if tilted:
-        raise ConversionError(
-            f"gantry tilt of {tilted[0].tilt:g} degrees (GantryDetectorTilt): the slices are "
-            "sheared and are not resampled"
-        )
 
 
 def _unit(vector: FloatVector) -> FloatVector:
@@ -757,6 +752,50 @@ def _gap_report(positions: Sequence[float], gaps: FloatVector) -> str:
     return f"measured gaps {parts}; odd ones: {where}{more}{hint}"
 
 
+def _shear(
+    grid: list[list[_Frame]], normal: FloatVector, f: FloatVector, g: FloatVector, ref: _Frame
+) -> float:
+    """Rows per slice by which a sheared (gantry-tilted) stack drifts along G, or 0.
+
+    CT gantry tilt leaves the image plane axial but moves each slice's origin
+    along the column direction G (PS3.3 C.8.2.1.1.1 GantryDetectorTilt).  Such
+    a stack is resampled (see :func:`_deshear`); any other departure of the
+    positions from the line along the slice normal is refused.
+    """
+    frames = [fr for volume in grid for fr in volume]
+    first = grid[0][0].position
+    offsets = np.array([fr.position - first for fr in frames])
+    along = offsets @ normal
+    lateral = offsets - np.outer(along, normal)
+    distance = np.linalg.norm(lateral, axis=1)
+    angles = np.degrees(np.arctan2(distance, np.maximum(np.abs(along), 1e-12)))
+    sheared = (distance > SHEAR_TOLERANCE_MM) & (angles > SHEAR_TOLERANCE_DEG)
+    if not sheared.any():
+        return 0.0
+    worst = int(np.argmax(np.where(sheared, distance, 0.0)))
+    stated = f"; GantryDetectorTilt {ref.tilt:g}" if ref.tilt else ""
+    what = (
+        f"gantry tilt or sheared stack: slice positions run {angles[worst]:.2f} degrees off "
+        f"the slice normal ({frames[worst].describe()} lies {distance[worst]:.2f} mm beside it"
+        f"{stated})"
+    )
+    across = np.abs(lateral @ f)
+    if float(np.max(across)) > SHEAR_TOLERANCE_MM:
+        raise ConversionError(
+            f"{what}, and {float(np.max(across)):.2f} mm along the rows (F) too: only a shear "
+            "along the columns (G), as a CT gantry tilt makes, is resampled"
+        )
+    if len(grid) > 1:
+        raise ConversionError(f"{what}: a sheared stack is resampled only in a single volume")
+    depth = len(grid[0])
+    drift = lateral @ g
+    step = float(drift[-1] - drift[0]) / (depth - 1)
+    residual = drift - drift[0] - step * np.arange(depth)
+    if float(np.max(np.abs(residual))) > SHEAR_TOLERANCE_MM:
+        raise ConversionError(f"{what}, by unequal amounts from slice to slice: not resampled")
+    return step / ref.pixel_spacing[0]
+
+
 @dataclass
 class _Layout:
     grid: list[list[_Frame]]  # [t][k]
@@ -764,6 +803,7 @@ class _Layout:
     last: FloatVector
     normal: FloatVector
     slice_step: float | None
+    shear_rows: float = 0.0  # rows each slice lies further along G than the one before
 
 
 def _layout(frames: list[_Frame]) -> _Layout:
@@ -827,18 +867,9 @@ def _layout(frames: list[_Frame]) -> _Layout:
                 f"slice spacing is not uniform within {SLICE_TOLERANCE_MM} mm: "
                 + _gap_report(centres, gaps)
             )
-        # Gantry tilt without GantryDetectorTilt: positions leave the line along the normal.
-        for fr in frames:
-            offset = fr.position - first
-            along = float(offset @ normal)
-            lateral = float(np.linalg.norm(offset - along * normal))
-            angle = math.degrees(math.atan2(lateral, abs(along))) if along else 90.0
-            if lateral > SHEAR_TOLERANCE_MM and angle > SHEAR_TOLERANCE_DEG:
-                raise ConversionError(
-                    f"gantry tilt or sheared stack: slice positions run {angle:.2f} degrees off "
-                    f"the slice normal ({fr.describe()} lies {lateral:.2f} mm beside it); "
-                    "not resampled"
-                )
+        shear_rows = _shear(grid, normal, f, g, reference)
+        if shear_rows:
+            return _Layout(grid, first, last, normal, step, shear_rows)
     return _Layout(grid, first, last, normal, step)
 
 
@@ -1226,6 +1257,52 @@ def build_volumes(paths: Sequence[Path]) -> list[Volume]:
     return [build_part(part) for part in split_series(paths)]
 
 
+def _deshear(
+    voxels: npt.NDArray[Any], layout: _Layout, reference: _Frame
+) -> tuple[npt.NDArray[Any], float, str]:
+    """Resample a gantry-tilted stack onto the orthogonal grid (F, G, slice normal).
+
+    Slice k's row j lies at ``k * shear + j`` rows along G from the first
+    slice's origin; each slice is shifted back along G by linear interpolation
+    between neighbouring rows, with as many rows added as the whole stack
+    drifts (the volume's lowest value outside the scanned field), as dcm2niix
+    does for its ``_Tilt`` output.  The new grid is aligned with the slice
+    that lies furthest along G, as dcm2niix's is.  Returns the voxels, the
+    grid's first row in rows along G from the first slice's origin, and a note.
+    """
+    data = voxels[0]  # one volume: _shear refuses sheared time series
+    depth, rows, cols = data.shape
+    drift = layout.shear_rows * np.arange(depth)
+    added = math.ceil(abs(float(drift[-1])) - 1e-6)
+    start = float(drift.max()) - added
+    out = np.empty((depth, rows + added, cols), data.dtype)
+    fill = data.min()
+    integral = data.dtype.kind in "iu"
+    target = np.arange(rows + added, dtype=np.float64)
+    for k in range(depth):
+        source = target + (start - drift[k])  # input row of each output row, fractional
+        # Rows up to one pixel before the first repeat it (as dcm2niix's do); none past the last.
+        inside = (source > -1.0 + 1e-6) & (source < rows - 1 + 1e-6)
+        upper = np.clip(np.ceil(source - 1e-6), 0, rows - 1).astype(np.intp)
+        lower = np.maximum(upper - 1, 0)
+        weight = np.clip(upper - source, 0.0, 1.0)[:, None]  # share of the lower row
+        values = data[k, upper] * (1.0 - weight) + data[k, lower] * weight
+        if integral:
+            values = np.sign(values) * np.floor(np.abs(values) + 0.5)  # half away from zero
+        out[k] = fill
+        out[k, inside] = values[inside].astype(data.dtype)
+    angle = math.degrees(
+        math.atan(abs(layout.shear_rows) * reference.pixel_spacing[0] / (layout.slice_step or 1.0))
+    )
+    note = (
+        f"gantry-tilt {angle:.2f} deg (measured from ImagePositionPatient"
+        + (f", GantryDetectorTilt {reference.tilt:g}" if reference.tilt else "")
+        + f"): each slice shifted along the columns by linear interpolation onto an orthogonal "
+        f"grid, {added} rows added"
+    )
+    return out[np.newaxis], start, note
+
+
 def _assemble(frames: list[_Frame]) -> Volume:
     _check_uniform(frames)
     layout = _layout(frames)
@@ -1236,7 +1313,14 @@ def _assemble(frames: list[_Frame]) -> Volume:
     f = np.array(reference.orientation[:3])
     g = np.array(reference.orientation[3:])
     depth = len(layout.grid[0])
-    if depth > 1:
+    origin = layout.first
+    resampled = None
+    if layout.shear_rows:
+        voxels, start, resampled = _deshear(voxels, layout, reference)
+        origin = layout.first + start * reference.pixel_spacing[0] * _unit(g)
+    if layout.shear_rows and layout.slice_step:
+        k_vector = layout.normal * layout.slice_step
+    elif depth > 1:
         k_vector = (layout.last - layout.first) / (depth - 1)
     else:
         thickness = reference.spacing_between or reference.thickness or 1.0
@@ -1275,9 +1359,11 @@ def _assemble(frames: list[_Frame]) -> Volume:
         notes.append(f"{times} volumes of {depth} slices")
     if reference.source.mosaic_tiles:
         notes.append("Siemens mosaic cut into slices")
+    if resampled:
+        notes.append(resampled)
     return Volume(
         voxels=voxels,
-        origin=(float(layout.first[0]), float(layout.first[1]), float(layout.first[2])),
+        origin=(float(origin[0]), float(origin[1]), float(origin[2])),
         spacing=spacing,
         direction=direction,
         headers=tuple(headers),
@@ -1285,6 +1371,7 @@ def _assemble(frames: list[_Frame]) -> Volume:
         rescale_slope=plan.slope,
         rescale_intercept=plan.intercept,
         notes=tuple(notes),
+        resampled=resampled,
     )
 
 
