@@ -34,6 +34,7 @@ from app.services.retrieve import Delivery
 router = APIRouter(tags=["NIfTI"])
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
+RESAMPLED_HEADER = "X-Gateway-Resampled"
 
 
 EchoParam = Annotated[
@@ -154,6 +155,9 @@ def _file_name(volume: Volume, series: str, compress: bool, suffix: str = "") ->
 def _stream(part: SeriesPart, volume: Volume, series: str, compress: bool) -> StreamingResponse:
     name = _file_name(volume, series, compress, part.suffix)
     headers = {"Content-Disposition": f'attachment; filename="{name}"'}
+    if volume.resampled:
+        # The voxels are interpolated, not the scanner's: say so where every client sees it.
+        headers[RESAMPLED_HEADER] = volume.resampled
     if not compress:
         headers["Content-Length"] = str(nifti_size(volume))
 
@@ -222,6 +226,7 @@ async def series_sidecar(
         phi=phi,
         echo_number=part.echo_number if several_echoes else None,
         echo_time=part.echo_time,
+        resampled=built.resampled,
     )
 
 

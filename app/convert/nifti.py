@@ -15,10 +15,17 @@ bytes are already in NIfTI order (i fastest).
 
 What is refused rather than silently resampled or mixed (each with a reason
 that names the measured values): several series, orientations, matrix sizes,
-pixel spacings, echoes or image types in one request; missing or unevenly
+pixel spacings, echoes or image types in one volume; missing or unevenly
 spaced slices (0.2 mm tolerance, dcm2niix's ``kSliceTolerance``); duplicate
-positions that do not form complete volumes of a time series; gantry tilt
-(sheared stacks); non-image objects; colour and floating-point pixel data.
+positions that do not form complete volumes of a time series; sheared stacks
+other than a CT gantry tilt; non-image objects; colour and floating-point
+pixel data.  Echoes and image types (magnitude, phase...) are split into
+several volumes by :func:`split_series`, as dcm2niix writes ``_e2``, ``_ph``.
+
+The one interpolation: a gantry-tilted stack (slice origins drifting along the
+column direction G from slice to slice) is shifted back slice by slice onto
+the orthogonal grid, linearly between rows, as dcm2niix's ``_Tilt`` output;
+``Volume.resampled`` says so.
 
 Siemens mosaics are cut into their slices with the CSA header's
 NumberOfImagesInMosaic and SliceNormalVector, as dcm2niix and nibabel do.

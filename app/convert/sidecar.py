@@ -219,6 +219,7 @@ def sidecar(
     phi: bool = False,
     echo_number: int | None = None,
     echo_time: float | None = None,
+    resampled: str | None = None,
 ) -> dict[str, Any]:
     """The BIDS sidecar of a series whose ``headers`` are in slice order (first first).
 
@@ -228,7 +229,9 @@ def sidecar(
     multi-echo series (one file of dcm2niix's ``_e1``, ``_e2``...) give its
     ``echo_number`` and ``echo_time`` (ms): ``EchoNumber`` is then written even
     for the first echo, as dcm2niix does, and both override the headers (an
-    enhanced file holds every echo).
+    enhanced file holds every echo).  ``resampled`` (``Volume.resampled``)
+    is written as ``Resampled`` with the GantryDetectorTilt, a gateway
+    addition: dcm2niix says it only in its ``_Tilt`` file name.
     """
     if not headers:
         raise ValueError("a sidecar needs at least one header")
@@ -271,6 +274,11 @@ def sidecar(
             day = str(date)
             stamp = _format_time(min(times))
             result["AcquisitionDateTime"] = f"{day[:4]}-{day[4:6]}-{day[6:8]}T{stamp}"
+    if resampled:
+        tilt = _convert(_raw(first, "GantryDetectorTilt"), "float")
+        if tilt is not None:
+            result["GantryDetectorTilt"] = tilt
+        result["Resampled"] = resampled
     result["ConversionSoftware"] = CONVERSION_SOFTWARE
     result["ConversionSoftwareVersion"] = __version__
     return result
