@@ -1,21 +1,28 @@
-"""A series as NIfTI-1, its BIDS sidecar, and the one-call "find me that series" path."""
+"""A series as NIfTI-1, its BIDS sidecar, and the one-call "find me that series" path.
+
+A series dcm2niix would write as several files (several echoes, magnitude and
+phase...) is several volumes here too: without ``echo=N`` or ``volume=N`` the
+answer is 300 Multiple Choices listing them, each with the URLs that fetch it.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import re
 from collections.abc import AsyncIterator
-from typing import Any
+from pathlib import Path
+from typing import Annotated, Any
+from urllib.parse import urlencode
 
-from fastapi import APIRouter, Request, Response
-from fastapi.responses import StreamingResponse
+from fastapi import APIRouter, Query, Request, Response
+from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.concurrency import iterate_in_threadpool
 
 from app.api.deps import GatewayDep, NodeDep
 from app.api.search import DICOM_JSON, SERVICE, run_qido
 from app.cache import CachedInstance
 from app.config import PacsNode
-from app.convert.nifti import Volume, build_volume, nifti_size, to_nifti
+from app.convert.nifti import SeriesPart, Volume, build_part, nifti_size, split_series, to_nifti
 from app.convert.sidecar import sidecar
 from app.dicomweb.attributes import Level
 from app.dicomweb.json import dataset_to_json, dumps
@@ -27,10 +34,19 @@ from app.services.retrieve import Delivery
 router = APIRouter(tags=["NIfTI"])
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
+RESAMPLED_HEADER = "X-Gateway-Resampled"
 
 
-async def _volume(gateway: Gateway, node: PacsNode, study: str, series: str) -> Volume:
-    """Fetch the series (cache or move) and stack it; only a complete series converts."""
+EchoParam = Annotated[
+    int | None, Query(ge=1, description="EchoNumber of the volume (dcm2niix's _eN file)")
+]
+VolumeParam = Annotated[
+    int | None, Query(ge=1, description="number of the volume in the 300 listing")
+]
+
+
+async def _series_files(gateway: Gateway, node: PacsNode, study: str, series: str) -> list[Path]:
+    """Fetch the series (cache or move); only a complete series converts."""
     delivery = Delivery(gateway.retriever, node, study, [series])
     warning = await delivery.prepare()
     instances: list[CachedInstance] = [inst async for inst in delivery]
@@ -39,22 +55,109 @@ async def _volume(gateway: Gateway, node: PacsNode, study: str, series: str) -> 
             "; ".join(delivery.problems) or warning or "the series did not arrive whole",
             node=node.name,
         )
-    paths = [inst.path for inst in instances]
-    return await asyncio.to_thread(build_volume, paths)
+    return [inst.path for inst in instances]
 
 
-def _file_name(volume: Volume, series: str, compress: bool) -> str:
+def _describe(part: SeriesPart) -> str:
+    what = []
+    if part.echo_number is not None:
+        what.append(f"echo {part.echo_number}")
+    if part.echo_time is not None:
+        what.append(f"TE {part.echo_time:g} ms")
+    if part.image_type:
+        what.append("\\".join(part.image_type))
+    return f"volume {part.number} ({', '.join(what) or 'no echo'})"
+
+
+def _series_url(request: Request, study: str, series: str, selector: dict[str, int]) -> str:
+    """URL of the series' ``/nifti`` on the same base, for the one-call path too."""
+    path = request.url.path.removesuffix("/sidecar").removesuffix("/nifti")
+    own = f"/studies/{study}/series/{series}"
+    if not path.endswith(own):
+        path += own
+    return str(request.url.replace(path=path + "/nifti", query=urlencode(selector)))
+
+
+def _selector(part: SeriesPart, parts: list[SeriesPart]) -> dict[str, int]:
+    # echo=N where it names one volume (dcm2niix's _eN), else the volume number.
+    number = part.echo_number
+    if number is not None and sum(p.echo_number == number for p in parts) == 1:
+        return {"echo": number}
+    return {"volume": part.number}
+
+
+def _choices(
+    request: Request, study: str, series: str, parts: list[SeriesPart], chosen: list[SeriesPart]
+) -> JSONResponse:
+    """300 Multiple Choices: the volumes of the series and how to ask for each."""
+    listing = []
+    for part in chosen:
+        selector = _selector(part, parts)
+        nifti_url = _series_url(request, study, series, selector)
+        entry: dict[str, Any] = {"volume": part.number}
+        if part.echo_number is not None:
+            entry["EchoNumber"] = part.echo_number
+        if part.echo_time is not None:
+            entry["EchoTime"] = round(part.echo_time / 1000.0, 9)  # s, as in the sidecar
+        entry["ImageType"] = list(part.image_type)
+        entry["images"] = part.images
+        entry["suffix"] = part.suffix
+        entry["nifti"] = nifti_url
+        entry["sidecar"] = nifti_url.replace("/nifti?", "/nifti/sidecar?", 1)
+        listing.append(entry)
+    keys = sorted({key for part in chosen for key in _selector(part, parts)})
+    suffixes = ", ".join(p.suffix or "(none)" for p in parts)
+    message = (
+        f"the series makes {len(parts)} volumes, as dcm2niix would write {len(parts)} "
+        f"files ({suffixes}): ask for one with {' or '.join(f'{k}=N' for k in keys)}"
+    )
+    return JSONResponse({"message": message, "volumes": listing}, status_code=300)
+
+
+async def _volume(
+    request: Request,
+    gateway: Gateway,
+    node: PacsNode,
+    study: str,
+    series: str,
+    echo: int | None,
+    volume: int | None,
+) -> tuple[SeriesPart, Volume] | JSONResponse:
+    """The one volume asked for, or the 300 listing when the choice is not made."""
+    paths = await _series_files(gateway, node, study, series)
+    parts = await asyncio.to_thread(split_series, paths)
+    chosen = [
+        p
+        for p in parts
+        if (volume is None or p.number == volume) and (echo is None or p.echo_number == echo)
+    ]
+    if not chosen:
+        asked = " and ".join(
+            f"{k}={v}" for k, v in (("echo", echo), ("volume", volume)) if v is not None
+        )
+        held = "; ".join(_describe(p) for p in parts)
+        raise NotFound(f"no volume of this series matches {asked}: it holds {held}")
+    if len(chosen) > 1:
+        return _choices(request, study, series, parts, chosen)
+    (part,) = chosen
+    return part, await asyncio.to_thread(build_part, part)
+
+
+def _file_name(volume: Volume, series: str, compress: bool, suffix: str = "") -> str:
     first = volume.headers[0]
     number = str(first.get("SeriesNumber", "") or "").strip()
     description = str(first.get("SeriesDescription", "") or "").strip()
     stem = "_".join(p for p in (number, description) if p) or series
     stem = _UNSAFE.sub("_", stem).strip("._") or "series"
-    return f"{stem[:100]}.nii" + (".gz" if compress else "")
+    return f"{stem[:100]}{suffix}.nii" + (".gz" if compress else "")
 
 
-def _stream(volume: Volume, series: str, compress: bool) -> StreamingResponse:
-    name = _file_name(volume, series, compress)
+def _stream(part: SeriesPart, volume: Volume, series: str, compress: bool) -> StreamingResponse:
+    name = _file_name(volume, series, compress, part.suffix)
     headers = {"Content-Disposition": f'attachment; filename="{name}"'}
+    if volume.resampled:
+        # The voxels are interpolated, not the scanner's: say so where every client sees it.
+        headers[RESAMPLED_HEADER] = volume.resampled
     if not compress:
         headers["Content-Length"] = str(nifti_size(volume))
 
@@ -75,16 +178,21 @@ def _stream(volume: Volume, series: str, compress: bool) -> StreamingResponse:
     summary="A series as a NIfTI-1 volume (.nii.gz, or .nii with compress=false)",
 )
 async def series_nifti(
+    request: Request,
     study: str,
     series: str,
     gateway: GatewayDep,
     node: NodeDep,
     compress: bool = True,
+    echo: EchoParam = None,
+    volume: VolumeParam = None,
 ) -> Response:
     check_uid("study", study)
     check_uid("series", series)
-    volume = await _volume(gateway, node, study, series)
-    return _stream(volume, series, compress)
+    found = await _volume(request, gateway, node, study, series, echo, volume)
+    if isinstance(found, Response):
+        return found
+    return _stream(*found, series, compress)
 
 
 @router.get(
@@ -92,20 +200,34 @@ async def series_nifti(
     summary="BIDS-style JSON sidecar of the series, as dcm2niix writes it",
 )
 async def series_sidecar(
+    request: Request,
     study: str,
     series: str,
     gateway: GatewayDep,
     node: NodeDep,
     phi: bool = False,
-) -> dict[str, Any]:
+    echo: EchoParam = None,
+    volume: VolumeParam = None,
+) -> Any:
     check_uid("study", study)
     check_uid("series", series)
     if phi and not gateway.settings.allow_phi_in_sidecars:
         raise InvalidRequest(
             "phi=true is not allowed by this gateway's configuration (allow_phi_in_sidecars)"
         )
-    volume = await _volume(gateway, node, study, series)
-    return await asyncio.to_thread(sidecar, volume.headers, phi=phi)
+    found = await _volume(request, gateway, node, study, series, echo, volume)
+    if isinstance(found, Response):
+        return found
+    part, built = found
+    several_echoes = part.suffix.startswith("_e")
+    return await asyncio.to_thread(
+        sidecar,
+        built.headers,
+        phi=phi,
+        echo_number=part.echo_number if several_echoes else None,
+        echo_time=part.echo_time,
+        resampled=built.resampled,
+    )
 
 
 @router.get(
@@ -113,9 +235,15 @@ async def series_sidecar(
     summary="Find one series by any series-level QIDO keys and return it as NIfTI",
 )
 async def find_nifti(
-    request: Request, gateway: GatewayDep, node: NodeDep, compress: bool = True
+    request: Request,
+    gateway: GatewayDep,
+    node: NodeDep,
+    compress: bool = True,
+    echo: EchoParam = None,
+    volume: VolumeParam = None,
 ) -> Response:
-    params = [(k, v) for k, v in request.query_params.multi_items() if k != "compress"]
+    own = {"compress", "echo", "volume"}
+    params = [(k, v) for k, v in request.query_params.multi_items() if k not in own]
     if not any(k.lower() not in ("limit", "offset", "includefield") for k, _ in params):
         raise InvalidRequest("give at least one search key, e.g. PatientID and SeriesDescription")
     result = await run_qido(gateway, node, Level.SERIES, params, context=[Level.STUDY])
@@ -132,5 +260,7 @@ async def find_nifti(
         return response
     only = matches[0]
     study, series = str(only.StudyInstanceUID), str(only.SeriesInstanceUID)
-    volume = await _volume(gateway, node, study, series)
-    return _stream(volume, series, compress)
+    found = await _volume(request, gateway, node, study, series, echo, volume)
+    if isinstance(found, Response):
+        return found
+    return _stream(*found, series, compress)

@@ -2,17 +2,22 @@
 
 :func:`build_volume` reads and checks one series into a :class:`Volume` (LPS
 geometry, voxels with the rescale applied) or raises
-:class:`app.errors.ConversionError`; :func:`to_nifti` streams it as ``.nii`` or
+:class:`app.errors.ConversionError`; :func:`split_series` and
+:func:`build_part` do the same for series dcm2niix writes as several files
+(echoes, magnitude/phase); :func:`to_nifti` streams a volume as ``.nii`` or
 ``.nii.gz``; :func:`sidecar` gives the BIDS JSON dcm2niix would write.
 """
 
 from app.convert.nifti import (
     Chunk,
+    SeriesPart,
     Volume,
+    build_part,
     build_volume,
     build_volumes,
     nifti_header,
     nifti_size,
+    split_series,
     to_nifti,
     write_nifti,
 )
@@ -20,12 +25,15 @@ from app.convert.sidecar import sidecar
 
 __all__ = [
     "Chunk",
+    "SeriesPart",
     "Volume",
+    "build_part",
     "build_volume",
     "build_volumes",
     "nifti_header",
     "nifti_size",
     "sidecar",
+    "split_series",
     "to_nifti",
     "write_nifti",
 ]

@@ -15,10 +15,17 @@ bytes are already in NIfTI order (i fastest).
 
 What is refused rather than silently resampled or mixed (each with a reason
 that names the measured values): several series, orientations, matrix sizes,
-pixel spacings, echoes or image types in one request; missing or unevenly
+pixel spacings, echoes or image types in one volume; missing or unevenly
 spaced slices (0.2 mm tolerance, dcm2niix's ``kSliceTolerance``); duplicate
-positions that do not form complete volumes of a time series; gantry tilt
-(sheared stacks); non-image objects; colour and floating-point pixel data.
+positions that do not form complete volumes of a time series; sheared stacks
+other than a CT gantry tilt; non-image objects; colour and floating-point
+pixel data.  Echoes and image types (magnitude, phase...) are split into
+several volumes by :func:`split_series`, as dcm2niix writes ``_e2``, ``_ph``.
+
+The one interpolation: a gantry-tilted stack (slice origins drifting along the
+column direction G from slice to slice) is shifted back slice by slice onto
+the orthogonal grid, linearly between rows, as dcm2niix's ``_Tilt`` output;
+``Volume.resampled`` says so.
 
 Siemens mosaics are cut into their slices with the CSA header's
 NumberOfImagesInMosaic and SliceNormalVector, as dcm2niix and nibabel do.
@@ -46,7 +53,7 @@ import mmap
 import struct
 from collections import Counter, deque
 from collections.abc import Generator, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -64,11 +71,14 @@ __all__ = [
     "NIFTI_HEADER_SIZE",
     "SLICE_TOLERANCE_MM",
     "Chunk",
+    "SeriesPart",
     "Volume",
+    "build_part",
     "build_volume",
     "build_volumes",
     "nifti_header",
     "nifti_size",
+    "split_series",
     "to_nifti",
     "write_nifti",
 ]
@@ -156,6 +166,7 @@ class Volume:
     rescale_slope: float | None = 1.0
     rescale_intercept: float | None = 0.0
     notes: tuple[str, ...] = field(default=())
+    resampled: str | None = None  # why and how voxels were interpolated (gantry tilt), if so
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -215,6 +226,9 @@ class _Frame:
     tilt: float
     thickness: float | None
     spacing_between: float | None
+    echo_number: float | None = None  # EchoNumbers (0018,0086), for naming split volumes
+    echo_time: float | None = None  # EchoTime or EffectiveEchoTime (ms)
+    image_type_values: tuple[str, ...] = ()  # ImageType / FrameType as stored
 
     def describe(self) -> str:
         name = self.source.path.name
@@ -490,12 +504,32 @@ def _mosaic_geometry(src: _Source) -> tuple[int, FloatVector]:
 # ------------------------------------------------------------------------- frame extraction
 
 
+def _values(value: Any) -> tuple[str, ...]:
+    if value is None:
+        return ()
+    items = value.split("\\") if isinstance(value, str) else list(value)
+    return tuple(str(v).strip() for v in items)
+
+
+def _first(value: Any) -> Any:
+    if isinstance(value, str | bytes) or not hasattr(value, "__iter__"):
+        return value
+    items = list(value)
+    return items[0] if items else None
+
+
 def _image_type(values: Any) -> str:
     if values is None:
         return ""
     items = values.split("\\") if isinstance(values, str) else list(values)
     # Values 1 and 2 (ORIGINAL/DERIVED, PRIMARY/SECONDARY) do not change what a voxel means.
     return "\\".join(str(v).upper() for v in items[2:])
+
+
+def _echo_time(value: Any) -> float | None:
+    # A zero echo time marks a derived image (a field map), not an echo.
+    te = _float(_first(value))
+    return te if te else None
 
 
 def _echo_key(echo_number: Any, echo_time: Any) -> str:
@@ -551,7 +585,10 @@ def _classic_frames(src: _Source) -> list[_Frame]:
         "slope": _number(_text(ds, "RescaleSlope"), 1.0) or 1.0,
         "intercept": _number(_text(ds, "RescaleIntercept"), 0.0),
         "echo": _echo_key(_text(ds, "EchoNumbers"), _text(ds, "EchoTime")),
+        "echo_number": _float((_text(ds, "EchoNumbers") or "").split("\\")[0]),
+        "echo_time": _echo_time(_text(ds, "EchoTime")),
         "image_type": _image_type(_text(ds, "ImageType")),
+        "image_type_values": _values(_text(ds, "ImageType")),
         "temporal": temporal,
         "tilt": _number(_text(ds, "GantryDetectorTilt"), 0.0),
         "thickness": _float(_text(ds, "SliceThickness")),
@@ -636,6 +673,9 @@ def _enhanced_frames(src: _Source) -> list[_Frame]:
                 _number(ds.get("GantryDetectorTilt"), 0.0),
                 _float(measures.get("SliceThickness")) if measures else None,
                 _float(measures.get("SpacingBetweenSlices")) if measures else None,
+                echo_number=None if echo else _float(_first(ds.get("EchoNumbers"))),
+                echo_time=_echo_time(echo.get("EffectiveEchoTime") if echo else ds.get("EchoTime")),
+                image_type_values=_values(frame_type),
             )
         )
     return frames
@@ -696,12 +736,6 @@ def _check_uniform(frames: Sequence[_Frame]) -> None:
     if odd_ps:
         counter = Counter("\\".join(f"{v:g}" for v in f.pixel_spacing) for f in frames)
         raise ConversionError(f"mixed pixel spacings (PixelSpacing): {_summary(counter)}")
-    tilted = [f for f in frames if abs(f.tilt) > 1e-3]
-    if tilted:
-        raise ConversionError(
-            f"gantry tilt of {tilted[0].tilt:g} degrees (GantryDetectorTilt): the slices are "
-            "sheared and are not resampled"
-        )
 
 
 def _unit(vector: FloatVector) -> FloatVector:
@@ -725,6 +759,50 @@ def _gap_report(positions: Sequence[float], gaps: FloatVector) -> str:
     return f"measured gaps {parts}; odd ones: {where}{more}{hint}"
 
 
+def _shear(
+    grid: list[list[_Frame]], normal: FloatVector, f: FloatVector, g: FloatVector, ref: _Frame
+) -> float:
+    """Rows per slice by which a sheared (gantry-tilted) stack drifts along G, or 0.
+
+    CT gantry tilt leaves the image plane axial but moves each slice's origin
+    along the column direction G (PS3.3 C.8.2.1.1.1 GantryDetectorTilt).  Such
+    a stack is resampled (see :func:`_deshear`); any other departure of the
+    positions from the line along the slice normal is refused.
+    """
+    frames = [fr for volume in grid for fr in volume]
+    first = grid[0][0].position
+    offsets = np.array([fr.position - first for fr in frames])
+    along = offsets @ normal
+    lateral = offsets - np.outer(along, normal)
+    distance = np.linalg.norm(lateral, axis=1)
+    angles = np.degrees(np.arctan2(distance, np.maximum(np.abs(along), 1e-12)))
+    sheared = (distance > SHEAR_TOLERANCE_MM) & (angles > SHEAR_TOLERANCE_DEG)
+    if not sheared.any():
+        return 0.0
+    worst = int(np.argmax(np.where(sheared, distance, 0.0)))
+    stated = f"; GantryDetectorTilt {ref.tilt:g}" if ref.tilt else ""
+    what = (
+        f"gantry tilt or sheared stack: slice positions run {angles[worst]:.2f} degrees off "
+        f"the slice normal ({frames[worst].describe()} lies {distance[worst]:.2f} mm beside it"
+        f"{stated})"
+    )
+    across = np.abs(lateral @ f)
+    if float(np.max(across)) > SHEAR_TOLERANCE_MM:
+        raise ConversionError(
+            f"{what}, and {float(np.max(across)):.2f} mm along the rows (F) too: only a shear "
+            "along the columns (G), as a CT gantry tilt makes, is resampled"
+        )
+    if len(grid) > 1:
+        raise ConversionError(f"{what}: a sheared stack is resampled only in a single volume")
+    depth = len(grid[0])
+    drift = lateral @ g
+    step = float(drift[-1] - drift[0]) / (depth - 1)
+    residual = drift - drift[0] - step * np.arange(depth)
+    if float(np.max(np.abs(residual))) > SHEAR_TOLERANCE_MM:
+        raise ConversionError(f"{what}, by unequal amounts from slice to slice: not resampled")
+    return step / ref.pixel_spacing[0]
+
+
 @dataclass
 class _Layout:
     grid: list[list[_Frame]]  # [t][k]
@@ -732,6 +810,7 @@ class _Layout:
     last: FloatVector
     normal: FloatVector
     slice_step: float | None
+    shear_rows: float = 0.0  # rows each slice lies further along G than the one before
 
 
 def _layout(frames: list[_Frame]) -> _Layout:
@@ -795,18 +874,9 @@ def _layout(frames: list[_Frame]) -> _Layout:
                 f"slice spacing is not uniform within {SLICE_TOLERANCE_MM} mm: "
                 + _gap_report(centres, gaps)
             )
-        # Gantry tilt without GantryDetectorTilt: positions leave the line along the normal.
-        for fr in frames:
-            offset = fr.position - first
-            along = float(offset @ normal)
-            lateral = float(np.linalg.norm(offset - along * normal))
-            angle = math.degrees(math.atan2(lateral, abs(along))) if along else 90.0
-            if lateral > SHEAR_TOLERANCE_MM and angle > SHEAR_TOLERANCE_DEG:
-                raise ConversionError(
-                    f"gantry tilt or sheared stack: slice positions run {angle:.2f} degrees off "
-                    f"the slice normal ({fr.describe()} lies {lateral:.2f} mm beside it); "
-                    "not resampled"
-                )
+        shear_rows = _shear(grid, normal, f, g, reference)
+        if shear_rows:
+            return _Layout(grid, first, last, normal, step, shear_rows)
     return _Layout(grid, first, last, normal, step)
 
 
@@ -1069,33 +1139,175 @@ def build_volume(paths: Sequence[Path]) -> Volume:
     return volume
 
 
-def _split_key(frame: _Frame) -> tuple[Any, ...]:
-    return (
-        _text(frame.source.ds, "SeriesInstanceUID") or "",
-        frame.echo,
-        frame.image_type,
-        tuple(round(v, 3) for v in frame.orientation),
-        frame.rows,
-        frame.cols,
-        tuple(round(v, 4) for v in frame.pixel_spacing),
+def _split_key(frame: _Frame) -> tuple[str, str]:
+    # Only the dimensions dcm2niix writes as separate files of one acquisition
+    # (_e2, _ph...).  Mixed series, orientations or matrix sizes stay in one
+    # group, for _assemble to refuse: they are not parts of one volume.
+    return frame.echo, frame.image_type
+
+
+@dataclass(frozen=True, eq=False)
+class SeriesPart:
+    """One of the volumes dcm2niix writes for a series it splits (one echo, one image type...).
+
+    ``number`` counts from 1 in the order of :func:`split_series`; ``echo_number``
+    is EchoNumbers (or the rank of the echo time when the files carry none),
+    ``echo_time`` in ms; ``image_type`` is ImageType (FrameType) as stored;
+    ``suffix`` is the file-name suffix dcm2niix would add (``_e2``, ``_ph``...).
+    """
+
+    number: int
+    echo_number: int | None
+    echo_time: float | None
+    image_type: tuple[str, ...]
+    images: int
+    suffix: str
+    frames: tuple[_Frame, ...] = field(repr=False)
+
+
+def _part_order(frames: Sequence[_Frame]) -> tuple[float, float, str]:
+    first = frames[0]
+    number = first.echo_number if first.echo_number is not None else math.inf
+    time = first.echo_time if first.echo_time is not None else math.inf
+    return number, time, first.image_type
+
+
+_PHASE_TYPES = {"P", "PHASE"}
+_REAL_TYPES = {"R", "REAL"}
+_IMAGINARY_TYPES = {"I", "IMAGINARY"}
+_FIELD_MAP_TYPES = {"FIELD_MAP", "B0", "B0MAP"}
+
+
+def _type_suffix(image_type: str) -> str:
+    values = set(image_type.split("\\"))
+    if values & _PHASE_TYPES:
+        return "_ph"
+    if values & _REAL_TYPES:
+        return "_real"
+    if values & _IMAGINARY_TYPES:
+        return "_imaginary"
+    if values & _FIELD_MAP_TYPES:
+        return "_fieldmap"
+    return ""
+
+
+def _parts(frames: list[_Frame]) -> list[SeriesPart]:
+    groups: dict[tuple[Any, ...], list[_Frame]] = {}
+    for frame in frames:
+        groups.setdefault(_split_key(frame), []).append(frame)
+    # Echo number, echo time, image type: the order of dcm2niix's _e1, _e2...,
+    # and independent of the order the files arrived in.
+    ordered = sorted(groups.values(), key=_part_order)
+    echoes = sorted(
+        {(f[0].echo_number, f[0].echo_time) for f in ordered if f[0].echo_time is not None},
+        key=_echo_sort,
     )
+    types = {f[0].image_type for f in ordered}
+    parts = []
+    for number, group in enumerate(ordered, start=1):
+        first = group[0]
+        echo_number: int | None = None
+        if first.echo_number is not None:
+            echo_number = int(first.echo_number)
+        elif first.echo_time is not None:
+            echo_number = echoes.index((None, first.echo_time)) + 1
+        suffix = f"_e{echo_number}" if len(echoes) > 1 and echo_number is not None else ""
+        if len(types) > 1:
+            suffix += _type_suffix(first.image_type)
+        parts.append(
+            SeriesPart(
+                number=number,
+                echo_number=echo_number,
+                echo_time=first.echo_time,
+                image_type=first.image_type_values,
+                images=len(group),
+                suffix=suffix,
+                frames=tuple(group),
+            )
+        )
+    suffixes = [p.suffix for p in parts]
+    if len(set(suffixes)) != len(suffixes):
+        # Image types without a dcm2niix name (e.g. ORIGINAL vs DERIVED maps): number them.
+        parts = [replace(p, suffix=f"{p.suffix}_i{p.number}") for p in parts]
+    return parts
+
+
+def _echo_sort(echo: tuple[float | None, float | None]) -> tuple[float, float]:
+    number, time = echo
+    return (math.inf if number is None else number, math.inf if time is None else time)
+
+
+def split_series(paths: Sequence[Path]) -> list[SeriesPart]:
+    """The volumes dcm2niix would write for these files, from their headers only.
+
+    Frames are grouped by echo and image type (ImageType / FrameType values
+    3 and up, e.g. magnitude vs. phase or field map) and ordered by echo
+    number, then echo time, then image type (dcm2niix's ``_e1``/``_e2``/...
+    order).  No pixel data is read: :func:`build_part` stacks one part.
+    """
+    return _parts(_read_frames(paths))
+
+
+def build_part(part: SeriesPart) -> Volume:
+    """Stack one part of :func:`split_series` (``ConversionError`` if it is not one volume)."""
+    volume = _assemble(list(part.frames))
+    _strip_pixels([volume])
+    return volume
 
 
 def build_volumes(paths: Sequence[Path]) -> list[Volume]:
     """Like :func:`build_volume`, but split what dcm2niix would split into several outputs.
 
-    Frames are grouped by series, echo, image type (ImageType / FrameType values
-    3 and up, e.g. magnitude vs. phase or field map), orientation, matrix and
-    pixel spacing, in order of first appearance; each group must make one
-    regular volume on its own, else :class:`ConversionError`.  The order
-    matches dcm2niix's ``_e1``/``_e2``/... suffixes for multi-echo data.
+    One volume per :class:`SeriesPart` of :func:`split_series`, in its order;
+    each part must make one regular volume on its own, else :class:`ConversionError`.
     """
-    groups: dict[tuple[Any, ...], list[_Frame]] = {}
-    for frame in _read_frames(paths):
-        groups.setdefault(_split_key(frame), []).append(frame)
-    volumes = [_assemble(frames) for frames in groups.values()]
-    _strip_pixels(volumes)
-    return volumes
+    return [build_part(part) for part in split_series(paths)]
+
+
+def _deshear(
+    voxels: npt.NDArray[Any], layout: _Layout, reference: _Frame
+) -> tuple[npt.NDArray[Any], float, str]:
+    """Resample a gantry-tilted stack onto the orthogonal grid (F, G, slice normal).
+
+    Slice k's row j lies at ``k * shear + j`` rows along G from the first
+    slice's origin; each slice is shifted back along G by linear interpolation
+    between neighbouring rows, with as many rows added as the whole stack
+    drifts (the volume's lowest value outside the scanned field), as dcm2niix
+    does for its ``_Tilt`` output.  The new grid is aligned with the slice
+    that lies furthest along G, as dcm2niix's is.  Returns the voxels, the
+    grid's first row in rows along G from the first slice's origin, and a note.
+    """
+    data = voxels[0]  # one volume: _shear refuses sheared time series
+    depth, rows, cols = data.shape
+    drift = layout.shear_rows * np.arange(depth)
+    added = math.ceil(abs(float(drift[-1])) - 1e-6)
+    start = float(drift.max()) - added
+    out = np.empty((depth, rows + added, cols), data.dtype)
+    fill = data.min()
+    integral = data.dtype.kind in "iu"
+    target = np.arange(rows + added, dtype=np.float64)
+    for k in range(depth):
+        source = target + (start - drift[k])  # input row of each output row, fractional
+        # Rows up to one pixel before the first repeat it (as dcm2niix's do); none past the last.
+        inside = (source > -1.0 + 1e-6) & (source < rows - 1 + 1e-6)
+        upper = np.clip(np.ceil(source - 1e-6), 0, rows - 1).astype(np.intp)
+        lower = np.maximum(upper - 1, 0)
+        weight = np.clip(upper - source, 0.0, 1.0)[:, None]  # share of the lower row
+        values = data[k, upper] * (1.0 - weight) + data[k, lower] * weight
+        if integral:
+            values = np.sign(values) * np.floor(np.abs(values) + 0.5)  # half away from zero
+        out[k] = fill
+        out[k, inside] = values[inside].astype(data.dtype)
+    angle = math.degrees(
+        math.atan(abs(layout.shear_rows) * reference.pixel_spacing[0] / (layout.slice_step or 1.0))
+    )
+    note = (
+        f"gantry-tilt {angle:.2f} deg (measured from ImagePositionPatient"
+        + (f", GantryDetectorTilt {reference.tilt:g}" if reference.tilt else "")
+        + f"): each slice shifted along the columns by linear interpolation onto an orthogonal "
+        f"grid, {added} rows added"
+    )
+    return out[np.newaxis], start, note
 
 
 def _assemble(frames: list[_Frame]) -> Volume:
@@ -1108,7 +1320,14 @@ def _assemble(frames: list[_Frame]) -> Volume:
     f = np.array(reference.orientation[:3])
     g = np.array(reference.orientation[3:])
     depth = len(layout.grid[0])
-    if depth > 1:
+    origin = layout.first
+    resampled = None
+    if layout.shear_rows:
+        voxels, start, resampled = _deshear(voxels, layout, reference)
+        origin = layout.first + start * reference.pixel_spacing[0] * _unit(g)
+    if layout.shear_rows and layout.slice_step:
+        k_vector = layout.normal * layout.slice_step
+    elif depth > 1:
         k_vector = (layout.last - layout.first) / (depth - 1)
     else:
         thickness = reference.spacing_between or reference.thickness or 1.0
@@ -1147,9 +1366,11 @@ def _assemble(frames: list[_Frame]) -> Volume:
         notes.append(f"{times} volumes of {depth} slices")
     if reference.source.mosaic_tiles:
         notes.append("Siemens mosaic cut into slices")
+    if resampled:
+        notes.append(resampled)
     return Volume(
         voxels=voxels,
-        origin=(float(layout.first[0]), float(layout.first[1]), float(layout.first[2])),
+        origin=(float(origin[0]), float(origin[1]), float(origin[2])),
         spacing=spacing,
         direction=direction,
         headers=tuple(headers),
@@ -1157,6 +1378,7 @@ def _assemble(frames: list[_Frame]) -> Volume:
         rescale_slope=plan.slope,
         rescale_intercept=plan.intercept,
         notes=tuple(notes),
+        resampled=resampled,
     )
 
 

@@ -213,12 +213,25 @@ def _format_time(seconds: float) -> str:
     return f"{hours:02d}:{minutes:02d}:{secs:02d}.{micro:06d}"
 
 
-def sidecar(headers: Sequence[Dataset], *, phi: bool = False) -> dict[str, Any]:
+def sidecar(
+    headers: Sequence[Dataset],
+    *,
+    phi: bool = False,
+    echo_number: int | None = None,
+    echo_time: float | None = None,
+    resampled: str | None = None,
+) -> dict[str, Any]:
     """The BIDS sidecar of a series whose ``headers`` are in slice order (first first).
 
     Values come from the first header; ``AcquisitionTime`` is the earliest of
     all headers (the start of the acquisition).  ``phi`` adds the patient and
-    study identifiers listed in the module docstring.
+    study identifiers listed in the module docstring.  For one echo of a
+    multi-echo series (one file of dcm2niix's ``_e1``, ``_e2``...) give its
+    ``echo_number`` and ``echo_time`` (ms): ``EchoNumber`` is then written even
+    for the first echo, as dcm2niix does, and both override the headers (an
+    enhanced file holds every echo).  ``resampled`` (``Volume.resampled``)
+    is written as ``Resampled`` with the GantryDetectorTilt, a gateway
+    addition: dcm2niix says it only in its ``_Tilt`` file name.
     """
     if not headers:
         raise ValueError("a sidecar needs at least one header")
@@ -230,6 +243,11 @@ def sidecar(headers: Sequence[Dataset], *, phi: bool = False) -> dict[str, Any]:
             if times:
                 result["AcquisitionTime"] = _format_time(min(times))
         raw = _raw(first, keyword)
+        if name == "EchoNumber" and echo_number is not None:
+            result[name] = echo_number
+            continue
+        if name == "EchoTime" and echo_time is not None:
+            raw = echo_time
         if raw is None and name == "ProtocolName":
             raw = _raw(first, "SeriesDescription")  # as dcm2niix falls back
         if raw is None:
@@ -256,6 +274,11 @@ def sidecar(headers: Sequence[Dataset], *, phi: bool = False) -> dict[str, Any]:
             day = str(date)
             stamp = _format_time(min(times))
             result["AcquisitionDateTime"] = f"{day[:4]}-{day[4:6]}-{day[6:8]}T{stamp}"
+    if resampled:
+        tilt = _convert(_raw(first, "GantryDetectorTilt"), "float")
+        if tilt is not None:
+            result["GantryDetectorTilt"] = tilt
+        result["Resampled"] = resampled
     result["ConversionSoftware"] = CONVERSION_SOFTWARE
     result["ConversionSoftwareVersion"] = __version__
     return result

@@ -128,6 +128,16 @@ def test_loads_in_simpleitk_too(
     nii = _load(gzip.decompress(resp.content))
     assert image.GetSize() == nii.shape[:3]
     assert io.BytesIO(resp.content).read(2) == b"\x1f\x8b"
+    # The same geometry: SimpleITK reports LPS, nibabel's affine is RAS.
+    flip = np.diag([-1.0, -1.0, 1.0])
+    direction = np.array(image.GetDirection()).reshape(3, 3)
+    np.testing.assert_allclose(
+        flip @ direction * np.array(image.GetSpacing()), nii.affine[:3, :3], atol=1e-4
+    )
+    np.testing.assert_allclose(flip @ np.array(image.GetOrigin()), nii.affine[:3, 3], atol=1e-3)
+    np.testing.assert_array_equal(
+        sitk.GetArrayFromImage(image), np.asarray(nii.dataobj).transpose(2, 1, 0)
+    )
 
 
 def test_series_with_a_missing_slice_is_refused_with_422(tmp_path: Path) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import gzip
 import json
+import math
 import random
 import struct
 import threading
@@ -29,10 +30,12 @@ from pydicom.uid import UID, ExplicitVRLittleEndian, generate_uid
 from app.convert.nifti import (
     NIFTI_HEADER_SIZE,
     Volume,
+    build_part,
     build_volume,
     build_volumes,
     nifti_header,
     nifti_size,
+    split_series,
     to_nifti,
     write_nifti,
 )
@@ -356,24 +359,84 @@ def test_uneven_spacing_is_refused(tmp_path: Path) -> None:
     assert "not uniform within 0.2 mm" in reason
 
 
-def test_gantry_tilt_is_refused(tmp_path: Path) -> None:
-    datasets = _ct(slices=6)
+def _tilted(datasets: list[Dataset], degrees: float, axis: int = 1) -> list[Dataset]:
+    """Shear a CT stack as a gantry tilt does: each slice's origin moves with z along ``axis``."""
     for ds in datasets:
         z = float(ds.ImagePositionPatient[2])
-        ds.GantryDetectorTilt = "15"
-        ds.ImagePositionPatient[1] = f"{float(ds.ImagePositionPatient[1]) + z * 0.2679:.4f}"
-    reason = _refusal(_write(datasets, tmp_path))
-    assert "gantry tilt of 15 degrees" in reason and "not resampled" in reason
+        shifted = float(ds.ImagePositionPatient[axis]) + z * math.tan(math.radians(degrees))
+        ds.ImagePositionPatient[axis] = f"{shifted:.4f}"
+        ds.GantryDetectorTilt = f"{degrees:g}"
+    return datasets
 
 
-def test_sheared_stack_without_tilt_attribute_is_refused(tmp_path: Path) -> None:
+@pytest.mark.parametrize("degrees", [15.0, -22.0])
+def test_gantry_tilt_is_resampled_onto_the_dicom_positions(tmp_path: Path, degrees: float) -> None:
+    """A row ramp (HU = 10 x row) tells where every resampled voxel came from."""
+    datasets = _tilted(_ct(slices=9, rows=40, cols=24), degrees)
+    for ds in datasets:
+        ramp = np.repeat(np.arange(40, dtype=np.int16)[:, None] * 10 + 1024, 24, axis=1)
+        ramp[:, -1] = 24  # -1000 HU: the lowest value, which fills what no slice covers
+        ds.PixelData = ramp.tobytes()
+    volume = build_volume(_write(datasets, tmp_path))
+    assert volume.resampled is not None
+    assert f"gantry-tilt {abs(degrees):.2f} deg" in volume.resampled
+    assert f"GantryDetectorTilt {degrees:g}" in volume.resampled
+    row_spacing = float(datasets[0].PixelSpacing[0])
+    added = math.ceil(8 * 2.5 * math.tan(math.radians(abs(degrees))) / row_spacing)
+    assert volume.shape == (9, 40 + added, 24)
+    assert volume.voxels.dtype == np.int16
+    np.testing.assert_allclose(np.array(volume.direction), np.eye(3), atol=1e-9)
+    assert volume.spacing[2] == pytest.approx(2.5)  # along the normal, not along the shear
+
+    column_spacing = float(datasets[0].PixelSpacing[1])
+    by_z = {round(float(ds.ImagePositionPatient[2]), 3): ds for ds in datasets}
+    affine = volume.affine_lps
+    errors = []
+    for k in range(volume.shape[0]):
+        for j in range(volume.shape[1]):
+            value = int(volume.voxels[k, j, 3])
+            if value == -1000:
+                continue  # fill outside the scanned field
+            x, y, z, _ = affine @ np.array([3.0, j, k, 1.0])
+            source = by_z[round(float(z), 3)]
+            ipp = _vector(source.ImagePositionPatient)
+            assert x == pytest.approx(ipp[0] + 3 * column_spacing)
+            # The DICOM row at this world position, by ImagePositionPatient alone.
+            row = (y - ipp[1]) / row_spacing
+            if 0 <= row <= 39:
+                errors.append(value / 10 - row)
+    assert len(errors) >= 9 * 38
+    # Values are rounded to whole HU: 0.05 of a row.
+    assert max(abs(e) for e in errors) <= 0.051
+
+
+def test_tilt_attribute_alone_does_not_resample(tmp_path: Path) -> None:
+    """Positions on the slice normal (a scanner that resampled already): nothing to correct."""
     datasets = _ct(slices=6)
     for ds in datasets:
-        z = float(ds.ImagePositionPatient[2])
-        ds.ImagePositionPatient[1] = f"{float(ds.ImagePositionPatient[1]) + z * 0.2679:.4f}"
-    reason = _refusal(_write(datasets, tmp_path))
-    assert "gantry tilt or sheared stack" in reason
-    assert "15.0" in reason  # the measured angle
+        ds.GantryDetectorTilt = "12"
+    volume = build_volume(_write(datasets, tmp_path))
+    assert volume.resampled is None and volume.shape == (6, 48, 64)
+
+
+def test_shears_that_are_not_a_gantry_tilt_are_refused(tmp_path: Path) -> None:
+    sideways = _tilted(_ct(slices=6), 15.0, axis=0)
+    reason = _refusal(_write(sideways, tmp_path / "sideways"))
+    assert "gantry tilt or sheared stack" in reason and "15.0" in reason
+    assert "along the rows (F)" in reason
+
+    uneven = _tilted(_ct(slices=6), 15.0)
+    uneven[2].ImagePositionPatient[1] = f"{float(uneven[2].ImagePositionPatient[1]) + 1.5:.4f}"
+    reason = _refusal(_write(uneven, tmp_path / "uneven"))
+    assert "unequal amounts" in reason
+
+    series = _tilted(_ct(slices=4), 15.0)
+    repeated = series + [_renew_uid(ds, "second") for ds in series]
+    for ds in repeated[4:]:
+        ds.AcquisitionNumber = 2
+        ds.TemporalPositionIdentifier = 2
+    reason = _refusal(_write(repeated, tmp_path / "4d"))
+    assert "only in a single volume" in reason
 
 
 def test_non_image_objects_are_refused(tmp_path: Path) -> None:
@@ -424,6 +487,49 @@ def test_mixed_echoes_are_refused_and_split_on_request(tmp_path: Path) -> None:
     volumes = build_volumes(paths)
     assert [v.shape for v in volumes] == [(4, 32, 32), (4, 32, 32)]
     assert [float(v.headers[0].EchoTime) for v in volumes] == [12.0, 90.0]
+
+
+def test_split_order_and_names_do_not_depend_on_file_order(tmp_path: Path) -> None:
+    """Echoes in echo order, magnitude before phase, dcm2niix's suffixes, whatever the arrival."""
+    datasets = []
+    for number, echo_time in ((2, 40.0), (1, 12.0)):
+        for kind in ("P", "M"):
+            for ds in _mr(slices=3, rows=16, cols=16, echo_time=echo_time):
+                clone = _renew_uid(ds, f"{number}-{kind}")
+                clone.EchoNumbers = number
+                clone.ImageType = ["ORIGINAL", "PRIMARY", kind, "ND"]
+                datasets.append(clone)
+    paths = _write(datasets, tmp_path)
+    random.Random(3).shuffle(paths)
+    parts = split_series(paths)
+    assert [(p.number, p.echo_number, p.echo_time, p.suffix) for p in parts] == [
+        (1, 1, 12.0, "_e1"),
+        (2, 1, 12.0, "_e1_ph"),
+        (3, 2, 40.0, "_e2"),
+        (4, 2, 40.0, "_e2_ph"),
+    ]
+    assert [p.image_type[2] for p in parts] == ["M", "P", "M", "P"]
+    assert all(p.images == 3 for p in parts)
+    assert split_series(sorted(paths))[2].suffix == "_e2"
+
+    volume = build_part(parts[2])
+    assert volume.shape == (3, 16, 16)
+    assert {ds.SOPInstanceUID for ds in volume.headers} <= {
+        ds.SOPInstanceUID for ds in datasets if ds.EchoNumbers == 2 and ds.ImageType[2] == "M"
+    }
+    side = sidecar(volume.headers, echo_number=2, echo_time=40.0)
+    assert side["EchoNumber"] == 2 and side["EchoTime"] == 0.04
+    # Without a multi-echo context, echo 1 is not named (dcm2niix's single-echo sidecars).
+    assert "EchoNumber" not in sidecar(build_part(parts[0]).headers)
+    assert sidecar(build_part(parts[0]).headers, echo_number=1)["EchoNumber"] == 1
+
+
+def test_mixed_orientations_stay_one_part_and_are_refused(tmp_path: Path) -> None:
+    axial = _mr(oblique=False, slices=3, rows=16, cols=16)
+    oblique = [_renew_uid(ds, "oblique") for ds in _mr(oblique=True, slices=3, rows=16, cols=16)]
+    (part,) = split_series(_write(axial + oblique, tmp_path))
+    with pytest.raises(ConversionError, match="mixed orientations"):
+        build_part(part)
 
 
 def test_colour_images_are_refused() -> None:
