@@ -18,7 +18,7 @@ from fastapi import APIRouter, Query, Request, Response
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.concurrency import iterate_in_threadpool
 
-from app.api.deps import GatewayDep, NodeDep
+from app.api.deps import GatewayDep, NodeDep, until_disconnected
 from app.api.search import DICOM_JSON, SERVICE, run_qido
 from app.cache import CachedInstance
 from app.config import PacsNode
@@ -124,7 +124,8 @@ async def _volume(
     volume: int | None,
 ) -> tuple[SeriesPart, Volume] | JSONResponse:
     """The one volume asked for, or the 300 listing when the choice is not made."""
-    paths = await _series_files(gateway, node, study, series)
+    # A client that gives up while the series arrives cancels its move.
+    paths = await until_disconnected(request, _series_files(gateway, node, study, series))
     parts = await asyncio.to_thread(split_series, paths)
     chosen = [
         p

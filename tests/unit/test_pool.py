@@ -263,11 +263,12 @@ def test_connection_refused_is_fast_and_unavailable(executor: ThreadPoolExecutor
         port = s.getsockname()[1]
 
     async def run() -> None:
-        pool = _pool(_node(port), executor)
+        pool = _pool(_node(port, connect_timeout=10.0), executor)
         started = time.monotonic()
         with pytest.raises(PacsUnavailable):
             await c_echo(pool)
-        assert time.monotonic() - started < 1.0
+        # A refusal is reported at once, not after the connect time-out.
+        assert time.monotonic() - started < 5.0
         state = pool.state()
         assert state.in_use == 0 and state.failed_opens == 1
         assert state.last_error is not None
