@@ -506,6 +506,9 @@ def _spy(pid: int, out: Path, duration: int, mode: str) -> subprocess.Popen[byte
 
 
 _THREAD = re.compile(r"^thread \(\d+\): ")
+# With --subprocesses every stack starts with its process.
+_PROCESS = re.compile(r'^process \d+:"([^"]*)";')
+CHILD = "storage SCP process: "
 
 
 def _thread_group(name: str) -> str:
@@ -539,8 +542,13 @@ def summarise_profile(path: Path, instances: int, top: int = 40) -> dict[str, An
         if not stack or not count_text.isdigit():
             continue
         count = int(count_text)
+        role = ""
+        while (process := _PROCESS.match(stack)) is not None:
+            # The child's stacks carry the parent's process line first.
+            role = CHILD if "app.dimse.storeproc" in process.group(1) else ""
+            stack = stack[process.end() :]
         frames = _THREAD.sub("", stack).split(";")
-        thread = _thread_group(frames[0])
+        thread = role + _thread_group(frames[0])
         threads[thread] += count
         # One count per function and stack: recursion must not count twice.
         functions = {re.sub(r" \(([^:]*):\d+\)$", r" (\1)", f) for f in frames[1:]}
@@ -1072,7 +1080,8 @@ def profile_lines(profile: dict[str, Any], top: int = 7) -> list[str]:
         runs = ", ".join(_ms(x) for x in data["seconds"])
         lines.append(f"- {data['mode']}, {data['kind']} ({data['runs']} runs: {runs} ms):")
         for thread, ms in data["threads_ms_per_instance"].items():
-            if data["mode"] == "wall" and not thread.startswith(("storescp-1", "MainThread")):
+            busy = "storescp-1" in thread or thread == "MainThread"
+            if data["mode"] == "wall" and not busy:
                 continue  # idle threads: their wall time is the recording's length
             if ms < 0.02:
                 continue
