@@ -155,6 +155,31 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_load_samples(args: argparse.Namespace) -> int:
+    """Generate the demo studies and C-STORE them into a PACS (docker-compose's loader)."""
+    import tempfile
+
+    from app.demo import DemoPacsError, store_files
+    from app.sampledata import write_sample_studies
+
+    _logging("INFO")
+    with tempfile.TemporaryDirectory(prefix="dimse-gateway-samples-") as tmp:
+        paths = write_sample_studies(Path(tmp))
+        try:
+            stored = store_files(
+                paths,
+                host=args.host,
+                port=args.port,
+                called_ae=args.called_ae,
+                calling_ae=args.calling_ae,
+            )
+        except DemoPacsError as exc:
+            print(f"load-samples: {exc}", file=sys.stderr)
+            return 1
+    print(f"stored {stored} sample instances in {args.called_ae} at {args.host}:{args.port}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="dimse-gateway", description="DICOMweb gateway in front of DIMSE-only PACS"
@@ -179,6 +204,15 @@ def build_parser() -> argparse.ArgumentParser:
     echo.add_argument("node")
     echo.add_argument("--config")
     echo.set_defaults(func=cmd_echo)
+
+    load = sub.add_parser(
+        "load-samples", help="generate the demo studies and C-STORE them into a PACS"
+    )
+    load.add_argument("host")
+    load.add_argument("port", type=int)
+    load.add_argument("--called-ae", required=True, help="the PACS's AE title")
+    load.add_argument("--calling-ae", default="DEMOLOAD", help="our AE title (default DEMOLOAD)")
+    load.set_defaults(func=cmd_load_samples)
 
     nodes = sub.add_parser("nodes", help="list configured nodes")
     nodes.add_argument("--config")

@@ -50,6 +50,7 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import UID, ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE, evt
 
+from app.dimse.pool import quiesce_reactor
 from app.sampledata import write_sample_studies
 
 __all__ = [
@@ -396,6 +397,10 @@ def store_files(
             if getattr(ds, "file_meta", None) is None:
                 ds.file_meta = FileMetaDataset()
             ds.file_meta.TransferSyntaxUID = syntax
+            # pynetdicom 3.0.4 can drop the response of a request sent while its
+            # reactor has not come round yet (issue 875): the store then times out.
+            if not quiesce_reactor(assoc):
+                raise DemoPacsError(f"{path}: the association stopped responding")
             try:
                 status = assoc.send_c_store(ds)
             except ValueError as exc:

@@ -542,6 +542,27 @@ def test_compose_file_is_valid_and_wires_gateway_to_orthanc() -> None:
         assert host_ip == "127.0.0.1"
 
 
+def test_compose_samples_service_loads_orthanc_with_the_gateway_image() -> None:
+    samples = _compose_config()["services"]["samples"]
+    assert samples["image"] == _compose_config()["services"]["gateway"]["image"]
+    assert samples["depends_on"]["orthanc"]["condition"] == "service_healthy"
+    command = samples["command"]
+    # The same words the gateway's CLI takes (its test against a real Orthanc is in
+    # tests/integration/test_load_samples.py).
+    from app.cli import build_parser
+
+    args = build_parser().parse_args(command)
+    assert (args.command, args.host, args.port, args.called_ae) == (
+        "load-samples",
+        "orthanc",
+        4242,
+        "ORTHANC",
+    )
+    deploy = json.loads(ORTHANC_JSON.read_text())
+    assert deploy["DicomAet"] == args.called_ae and deploy["DicomPort"] == args.port
+    assert deploy["DicomAlwaysAllowStore"] is True
+
+
 def test_compose_file_has_no_obsolete_version_key() -> None:
     """The Compose Specification made `version` obsolete (Compose v2 warns about it);
     docker-compose >= 1.27 reads a file without it as the specification."""
