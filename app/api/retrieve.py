@@ -375,7 +375,7 @@ async def instance_metadata(
 # -- frames and bulk data -----------------------------------------------------
 
 
-def _frame_numbers(text: str) -> list[int]:
+def frame_numbers(text: str) -> list[int]:
     try:
         numbers = [int(part) for part in text.split(",") if part.strip()]
     except ValueError:
@@ -426,7 +426,7 @@ async def retrieve_frames(
 ) -> Response:
     for name, uid in (("study", study), ("series", series), ("instance", instance)):
         check_uid(name, uid)
-    numbers = _frame_numbers(frames)
+    numbers = frame_numbers(frames)
     negotiated = _negotiate(request, ResourceKind.FRAMES, single=len(numbers) == 1)
     inst = await gateway.retriever.instance(node, study, series, instance)
 
