@@ -7,6 +7,7 @@ parameters, the Accept header, the error body and examples of the answers.
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from fastapi import FastAPI
@@ -216,11 +217,28 @@ def _is_dicomweb(path: str) -> bool:
 def _touch_up(schema: dict[str, Any]) -> None:
     for path, operations in schema.get("paths", {}).items():
         for operation in operations.values():
+            # A router prefix's parameter ({node}) is read from the request, not
+            # declared by the endpoint: the schema would not mention it.
+            declared = {p["name"] for p in operation.get("parameters", []) if p["in"] == "path"}
+            for name in re.findall(r"{(\w+)(?::\w+)?}", path):
+                if name not in declared:
+                    operation.setdefault("parameters", []).insert(
+                        0,
+                        {
+                            "name": name,
+                            "in": "path",
+                            "required": True,
+                            "schema": {"type": "string"},
+                        },
+                    )
             for parameter in operation.get("parameters", []):
                 if parameter.get("in") == "path" and not parameter.get("description"):
                     text = PATH_PARAMETERS.get(parameter["name"])
                     if text:
                         parameter["description"] = text
+            responses = operation.setdefault("responses", {})
+            if path.startswith("/pacs/") and not _is_dicomweb(path):
+                _add_errors(responses, ("404", "502", "503", "504"))
             if not _is_dicomweb(path):
                 continue
             parameters = operation.setdefault("parameters", [])
@@ -228,7 +246,6 @@ def _touch_up(schema: dict[str, Any]) -> None:
             if "QIDO-RS search" in tags or path.endswith("/nifti"):
                 parameters.extend(dict(p) for p in _QIDO_PARAMETERS)
             parameters.append(dict(_ACCEPT_HEADER))
-            responses = operation.setdefault("responses", {})
             if "QIDO-RS search" in tags:
                 responses["200"] = {
                     "description": "Matches as a DICOM JSON array (PS3.18 Annex F), each "
@@ -241,16 +258,19 @@ def _touch_up(schema: dict[str, Any]) -> None:
                     "description": "DICOM JSON of every instance, bulk data as BulkDataURI",
                     "content": {"application/dicom+json": {"example": DICOM_JSON_EXAMPLE}},
                 }
-            for status, (description, example) in _ERRORS.items():
-                responses.setdefault(
-                    status,
-                    {
-                        "description": description,
-                        "content": {
-                            "application/json": {"schema": _ERROR_SCHEMA, "example": example}
-                        },
-                    },
-                )
+            _add_errors(responses, tuple(_ERRORS))
+
+
+def _add_errors(responses: dict[str, Any], statuses: tuple[str, ...]) -> None:
+    for status in statuses:
+        description, example = _ERRORS[status]
+        responses.setdefault(
+            status,
+            {
+                "description": description,
+                "content": {"application/json": {"schema": _ERROR_SCHEMA, "example": example}},
+            },
+        )
 
 
 def install(app: FastAPI) -> None:
