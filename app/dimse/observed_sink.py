@@ -1,8 +1,7 @@
 """An ``InstanceSink`` that reports each received C-STORE (status, time) and passes it on.
 
-It wraps the storage SCP's sink (C-MOVE arrivals) and a C-GET's sink alike, so
-received instances are counted the same way whichever retrieve brought them.
-The time reported runs from the sink's ``open`` (the command arrived) to its
+It wraps a C-GET's sink (C-MOVE arrivals are received by the storage process,
+see ``app.metrics``).  The time reported runs from the sink's ``open`` (the command arrived) to its
 ``close`` (the data set is written).
 """
 

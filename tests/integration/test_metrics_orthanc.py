@@ -31,6 +31,7 @@ def gateway(
     settings = gateway_settings(
         tmp_path_factory.mktemp("gw-metrics"),
         local_node("orthanc", orthanc_peer.aet, orthanc_peer.dicom_port, default=True),
+        local_node("orthanc-get", orthanc_peer.aet, orthanc_peer.dicom_port, retrieve="get"),
         storage_port=gateway_storage_port,
     )
     with GatewayServer(settings) as gw:
@@ -164,17 +165,22 @@ def test_an_echo_is_one_c_echo(gateway: GatewayServer) -> None:
     )
 
 
+def small_series(peer: OrthancPeer, rank: int) -> tuple[str, str, int]:
+    """(study, series, instances) of the *rank*-th smallest series of more than one
+    instance: small to be quick, several instances so that counts mean something."""
+    by_series: dict[tuple[str, str], int] = {}
+    for info in peer.loaded.values():
+        key = (info.study_instance_uid, info.series_instance_uid)
+        by_series[key] = by_series.get(key, 0) + 1
+    ranked = sorted(((n, k) for k, n in by_series.items() if n > 1))
+    count, (study, series) = ranked[rank]
+    return study, series, count
+
+
 def test_a_retrieve_moves_c_move_c_store_cache_and_bytes(
     gateway: GatewayServer, orthanc_peer: OrthancPeer, lines: _Lines
 ) -> None:
-    by_series: dict[tuple[str, str], int] = {}
-    for info in orthanc_peer.loaded.values():
-        key = (info.study_instance_uid, info.series_instance_uid)
-        by_series[key] = by_series.get(key, 0) + 1
-    # A small series of more than one instance, so that counts mean something.
-    (study, series), count = min(
-        ((k, n) for k, n in by_series.items() if n > 1), key=lambda item: item[1]
-    )
+    study, series, count = small_series(orthanc_peer, 0)
     url = f"{gateway.dicomweb}/studies/{study}/series/{series}"
     route = "/dicomweb/studies/{study}/series/{series}"
 
@@ -263,6 +269,62 @@ def test_a_retrieve_moves_c_move_c_store_cache_and_bytes(
     )
     assert delta(middle, after, "dimse_gateway_http_response_bytes_total", route=route) == len(
         warm.content
+    )
+
+
+def test_a_c_get_retrieve_counts_each_c_store_with_its_time(
+    gateway: GatewayServer, orthanc_peer: OrthancPeer
+) -> None:
+    study, series, count = small_series(orthanc_peer, 1)
+    before = scrape(gateway)
+    resp = httpx.get(
+        f"{gateway.url}/pacs/orthanc-get/dicomweb/studies/{study}/series/{series}", timeout=120
+    )
+    assert resp.status_code == 200
+    after = scrape(gateway)
+    node = {"node": "orthanc-get"}
+    assert (
+        delta(
+            before,
+            after,
+            "dimse_gateway_dimse_operations_total",
+            operation="C-GET",
+            status="success",
+            **node,
+        )
+        == 1
+    )
+    assert (
+        delta(
+            before,
+            after,
+            "dimse_gateway_dimse_operations_total",
+            operation="C-STORE received",
+            status="success",
+            **node,
+        )
+        == count
+    )
+    assert (
+        delta(
+            before,
+            after,
+            "dimse_gateway_dimse_operation_duration_seconds_count",
+            operation="C-STORE received",
+            **node,
+        )
+        == count
+    )
+    assert (
+        delta(
+            before,
+            after,
+            "dimse_gateway_dimse_operations_total",
+            operation="C-MOVE",
+            status="success",
+            **node,
+        )
+        == 0
     )
 
 
