@@ -18,6 +18,7 @@ import sqlite3
 import threading
 import time
 import uuid
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -78,6 +79,8 @@ class InstanceCache:
         self._files.mkdir(parents=True, exist_ok=True)
         self._tmp.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
+        # (kind, result) -> lookups, read by /metrics: ("instance", "hit"), ("series", "miss").
+        self.lookups: Counter[tuple[str, str]] = Counter()
         self._db = sqlite3.connect(root / "index.sqlite3", check_same_thread=False)
         self._db.executescript(_SCHEMA)
         self._db.execute("PRAGMA journal_mode=WAL")
@@ -154,12 +157,16 @@ class InstanceCache:
                 (sop_uid,),
             ).fetchone()
             if row is None:
+                self.lookups["instance", "miss"] += 1
                 return None
             self._db.execute(
                 "UPDATE instances SET last_access = ? WHERE sop_uid = ?", (time.time(), sop_uid)
             )
             self._db.commit()
-        return self._checked(row)
+        found = self._checked(row)
+        with self._lock:
+            self.lookups["instance", "hit" if found else "miss"] += 1
+        return found
 
     def series(self, series_uid: str) -> list[CachedInstance] | None:
         """All instances of a series known to be complete, or None.
@@ -172,6 +179,7 @@ class InstanceCache:
                 "SELECT complete_count FROM series WHERE series_uid = ?", (series_uid,)
             ).fetchone()
             if meta is None or meta[0] is None:
+                self.lookups["series", "miss"] += 1
                 return None
             rows = self._db.execute(
                 "SELECT sop_uid, study_uid, series_uid, sop_class_uid, transfer_syntax, size "
@@ -179,6 +187,7 @@ class InstanceCache:
                 (series_uid,),
             ).fetchall()
             if len(rows) < meta[0]:
+                self.lookups["series", "miss"] += 1
                 return None
             self._db.execute(
                 "UPDATE instances SET last_access = ? WHERE series_uid = ?",
@@ -193,9 +202,10 @@ class InstanceCache:
             if folder is None:
                 folder = folders[key] = str(self.path_for(row[1], row[2], row[0]).parent)
             out.append(self._checked(row, folder))
-        if any(i is None for i in out):
-            return None
-        return [i for i in out if i is not None]
+        whole = all(i is not None for i in out)
+        with self._lock:
+            self.lookups["series", "hit" if whole else "miss"] += 1
+        return [i for i in out if i is not None] if whole else None
 
     def study_series(self, study_uid: str) -> list[str]:
         with self._lock:

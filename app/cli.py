@@ -13,6 +13,7 @@ from pydantic import ValidationError
 
 from app.config import PacsNode, Settings, load_settings
 from app.errors import GatewayError
+from app.logs import LogFormat, configure
 
 log = logging.getLogger("app.cli")
 
@@ -24,12 +25,8 @@ def _settings(args: argparse.Namespace, **overrides: object) -> Settings:
         sys.exit(f"dimse-gateway: invalid configuration: {exc}")
 
 
-def _logging(level: str) -> None:
-    logging.basicConfig(
-        level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
-    )
-    # pynetdicom logs every PDU at INFO; our own DIMSE lines say what matters.
-    logging.getLogger("pynetdicom").setLevel(logging.WARNING)
+def _logging(level: str, fmt: LogFormat = "text") -> None:
+    configure(level, fmt)
 
 
 def _exit_on_sigterm(signum: int, frame: object) -> None:
@@ -53,6 +50,8 @@ def _serve(settings: Settings) -> None:
         # One process: association pools and (later) retrieve correlation are in-process.
         workers=1,
         access_log=False,
+        # uvicorn's own lines go through our handler (JSON when asked for).
+        log_config=None,
     )
 
 
@@ -63,7 +62,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if args.port is not None:
         overrides["http_port"] = args.port
     settings = _settings(args, **overrides)
-    _logging(settings.log_level)
+    _logging(settings.log_level, settings.log_format)
     _serve(settings)
     return 0
 

@@ -105,6 +105,8 @@ class Settings(BaseSettings):
     http_port: int = Field(default=8000, ge=0, le=65535)
     work_dir: Path = Path("/var/lib/dimse-gateway")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    # "json": one JSON object per log line (time, level, logger, message, request_id).
+    log_format: Literal["text", "json"] = "text"
     # The instance cache under work_dir; least recently used instances go first.
     cache_max_bytes: int = Field(default=20 * 1024**3, ge=64 * 1024**2)
     # Announced to PACS that send us instances: larger PDUs mean fewer round trips.

@@ -10,18 +10,34 @@ from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 
 from app import __version__
-from app.api import errors, health, nifti, retrieve, search
+from app.api import errors, health, metrics, nifti, openapi, rendered, retrieve, search
+from app.api.middleware import HEADER as REQUEST_ID_HEADER
+from app.api.middleware import ObservabilityMiddleware
 from app.config import Settings, load_settings
+from app.metrics import Metrics
 from app.runtime import Gateway
+
+DESCRIPTION = """\
+QIDO-RS (search) and WADO-RS (retrieve, metadata, frames, bulk data, rendered
+images, thumbnails) for PACS that only speak DIMSE, plus a series as NIfTI.
+Every DICOMweb route exists twice: under `/dicomweb` for the default PACS node
+and under `/pacs/{node}/dicomweb` for a named one (`GET /pacs` lists them).
+
+Errors are JSON: `{"error": "InvalidQuery", "message": "...", "parameter": "StudyDate"}`.
+Each response carries an `X-Request-ID` (the client's, or a new one) that also
+appears in the gateway's log lines for that request, DIMSE operations included.
+"""
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
     """Build the app; the gateway's pools live from lifespan start to end."""
     settings = settings or load_settings()
+    registry = Metrics()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         gateway = Gateway(settings)
+        registry.instrument(gateway)
         await gateway.start()
         app.state.gateway = gateway
         # Move start-up objects out of the collector's reach: a full collection
@@ -36,23 +52,32 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         title="dimse-gateway",
         version=__version__,
         summary="DICOMweb (QIDO-RS, WADO-RS) in front of DIMSE-only PACS",
+        description=DESCRIPTION,
         lifespan=lifespan,
     )
     app.state.settings = settings
+    app.state.metrics = registry
+    registry.watch(lambda: getattr(app.state, "gateway", None))
     errors.install(app)
+    openapi.install(app)
     app.add_middleware(
         CORSMiddleware,
         allow_origins=["*"],
         allow_methods=["GET", "OPTIONS"],
         allow_headers=["*"],
         # Paging and partial-result notes travel in Warning (PS3.18 §8.3.4.4).
-        expose_headers=["Warning", "Content-Location"],
+        expose_headers=["Warning", "Content-Location", REQUEST_ID_HEADER],
     )
+    # Outside CORS, so that every answer (preflights too) has its request id.
+    app.add_middleware(ObservabilityMiddleware, metrics=registry)
     app.include_router(health.router)
+    app.include_router(metrics.router)
     app.include_router(search.router, prefix="/dicomweb")
     app.include_router(search.router, prefix="/pacs/{node}/dicomweb")
     app.include_router(retrieve.router, prefix="/dicomweb")
     app.include_router(retrieve.router, prefix="/pacs/{node}/dicomweb")
+    app.include_router(rendered.router, prefix="/dicomweb")
+    app.include_router(rendered.router, prefix="/pacs/{node}/dicomweb")
     app.include_router(nifti.router, prefix="/dicomweb")
     app.include_router(nifti.router, prefix="/pacs/{node}/dicomweb")
     return app

@@ -14,11 +14,14 @@ router = APIRouter(tags=["health"])
 
 @router.get("/health", summary="Process health")
 async def health() -> dict[str, str]:
+    """Liveness: 200 as long as the process serves HTTP. It does not contact any PACS."""
     return {"status": "ok"}
 
 
 @router.get("/pacs", summary="Configured PACS nodes and the state of their association pools")
 async def nodes(gateway: GatewayDep) -> list[dict[str, Any]]:
+    """The configured PACS nodes, which one is the default, and the state of each association
+    pool (in use, idle, waiting, opened, failed, discarded, last error)."""
     default = gateway.settings.default_node
     return [
         {
@@ -37,5 +40,7 @@ async def nodes(gateway: GatewayDep) -> list[dict[str, Any]]:
 
 @router.get("/pacs/{node}/echo", summary="C-ECHO the node through the association pool")
 async def echo_node(node: NodeDep, gateway: GatewayDep) -> dict[str, Any]:
+    """A C-ECHO to the node through its association pool, with the round trip time: checks that
+    the PACS is up and accepts the gateway's AE title."""
     rtt = await echo(gateway, node)
     return {"node": node.name, "status": "ok", "rtt_ms": round(rtt * 1000, 2)}

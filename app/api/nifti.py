@@ -188,6 +188,10 @@ async def series_nifti(
     echo: EchoParam = None,
     volume: VolumeParam = None,
 ) -> Response:
+    """The series as one NIfTI-1 volume (RAS orientation, geometry as dcm2niix computes it),
+    streamed as `.nii.gz` (`compress=false`: `.nii`). A series that is not one honest volume
+    (mixed orientations or sizes, missing slices, gantry tilt, non-image objects) is 422 with
+    the reason."""
     check_uid("study", study)
     check_uid("series", series)
     found = await _volume(request, gateway, node, study, series, echo, volume)
@@ -210,6 +214,8 @@ async def series_sidecar(
     echo: EchoParam = None,
     volume: VolumeParam = None,
 ) -> Any:
+    """The BIDS JSON sidecar dcm2niix would write for the series. Patient identity is left out
+    unless `phi=true` and the gateway allows it (`allow_phi_in_sidecars`)."""
     check_uid("study", study)
     check_uid("series", series)
     if phi and not gateway.settings.allow_phi_in_sidecars:
@@ -243,6 +249,9 @@ async def find_nifti(
     echo: EchoParam = None,
     volume: VolumeParam = None,
 ) -> Response:
+    """Finds a series by any QIDO series-level keys (e.g. `PatientID`, `StudyDate`, `Modality`,
+    `SeriesDescription`) and streams it as NIfTI: one match is the volume, several are 300 with
+    the candidates as DICOM JSON, none 404."""
     own = {"compress", "echo", "volume"}
     params = [(k, v) for k, v in request.query_params.multi_items() if k not in own]
     if not any(k.lower() not in ("limit", "offset", "includefield") for k, _ in params):

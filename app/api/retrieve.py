@@ -240,6 +240,11 @@ def _cached_multipart(cached: list[CachedInstance], boundary: str, base: str) ->
 async def retrieve_study(
     study: str, request: Request, gateway: GatewayDep, node: NodeDep
 ) -> Response:
+    """Every instance of the study, series by series, as `multipart/related;
+    type="application/dicom"`, streamed as the PACS delivers them (C-MOVE to the gateway, or
+    C-GET). Explicit VR Little Endian unless `transfer-syntax=*` asks for the stored syntax. A
+    study complete in the cache is answered without asking the PACS. 206 with a `Warning` when
+    only part of it arrived."""
     check_uid("study", study)
     negotiated = _negotiate(request, ResourceKind.INSTANCES)
     series = await series_of_study(gateway, node, study)
@@ -253,6 +258,8 @@ async def retrieve_study(
 async def retrieve_series(
     study: str, series: str, request: Request, gateway: GatewayDep, node: NodeDep
 ) -> Response:
+    """Every instance of the series as `multipart/related; type="application/dicom"`, streamed
+    as they arrive (see the study resource for transfer syntaxes, caching and partial results)."""
     check_uid("study", study)
     check_uid("series", series)
     negotiated = _negotiate(request, ResourceKind.INSTANCES)
@@ -266,6 +273,8 @@ async def retrieve_series(
 async def retrieve_instance(
     study: str, series: str, instance: str, request: Request, gateway: GatewayDep, node: NodeDep
 ) -> Response:
+    """One instance: from the cache, from a running retrieve of its series, or by an IMAGE level
+    C-MOVE. Multipart by default; single-part `application/dicom` when asked for."""
     for name, uid in (("study", study), ("series", series), ("instance", instance)):
         check_uid(name, uid)
     negotiated = _negotiate(request, ResourceKind.INSTANCES, single=True)
@@ -336,6 +345,9 @@ async def _all_of(delivery: Delivery) -> tuple[list[CachedInstance], str | None]
 async def study_metadata(
     study: str, request: Request, gateway: GatewayDep, node: NodeDep
 ) -> Response:
+    """DICOM JSON (PS3.18 Annex F) of every instance of the study, without pixel data: bulk data
+    values are `BulkDataURI`s pointing at the bulkdata resource. The instances are retrieved
+    (and cached) first."""
     check_uid("study", study)
     _negotiate(request, ResourceKind.METADATA)
     series = await series_of_study(gateway, node, study)
@@ -350,6 +362,8 @@ async def study_metadata(
 async def series_metadata(
     study: str, series: str, request: Request, gateway: GatewayDep, node: NodeDep
 ) -> Response:
+    """DICOM JSON of every instance of the series, bulk data as `BulkDataURI`s (see the study
+    metadata)."""
     check_uid("study", study)
     check_uid("series", series)
     _negotiate(request, ResourceKind.METADATA)
@@ -365,6 +379,7 @@ async def series_metadata(
 async def instance_metadata(
     study: str, series: str, instance: str, request: Request, gateway: GatewayDep, node: NodeDep
 ) -> Response:
+    """DICOM JSON of one instance, bulk data as `BulkDataURI`s."""
     for name, uid in (("study", study), ("series", series), ("instance", instance)):
         check_uid(name, uid)
     _negotiate(request, ResourceKind.METADATA)
@@ -375,7 +390,7 @@ async def instance_metadata(
 # -- frames and bulk data -----------------------------------------------------
 
 
-def _frame_numbers(text: str) -> list[int]:
+def frame_numbers(text: str) -> list[int]:
     try:
         numbers = [int(part) for part in text.split(",") if part.strip()]
     except ValueError:
@@ -424,9 +439,13 @@ async def retrieve_frames(
     gateway: GatewayDep,
     node: NodeDep,
 ) -> Response:
+    """Pixel data of the listed frames (1-based, comma-separated) as `multipart/related;
+    type="application/octet-stream"`: uncompressed little-endian bytes by default, the stored
+    codestream with `transfer-syntax=*`. One frame may be asked for single-part. A frame beyond
+    NumberOfFrames is 404."""
     for name, uid in (("study", study), ("series", series), ("instance", instance)):
         check_uid(name, uid)
-    numbers = _frame_numbers(frames)
+    numbers = frame_numbers(frames)
     negotiated = _negotiate(request, ResourceKind.FRAMES, single=len(numbers) == 1)
     inst = await gateway.retriever.instance(node, study, series, instance)
 
@@ -454,6 +473,8 @@ async def retrieve_bulkdata(
     gateway: GatewayDep,
     node: NodeDep,
 ) -> Response:
+    """One bulk data value of an instance, at the path its metadata's `BulkDataURI` names; pixel
+    data (7FE00010) uncompressed."""
     for name, uid in (("study", study), ("series", series), ("instance", instance)):
         check_uid(name, uid)
     path = _parse_tag_path(tag_path)

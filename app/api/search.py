@@ -124,6 +124,9 @@ async def _answer(
 
 @router.get("/patients", summary="Search for patients (Patient Root C-FIND, PATIENT level)")
 async def search_patients(request: Request, gateway: GatewayDep, node: NodeDep) -> Response:
+    """Patients matching the query keys (PatientName, PatientID, PatientBirthDate, ...), one
+    C-FIND with the Patient Root model at PATIENT level. Many PACS refuse Patient Root: the
+    answer is then 502 with the DIMSE status."""
     return await _answer(request, gateway, node, Level.PATIENT)
 
 
@@ -131,6 +134,8 @@ async def search_patients(request: Request, gateway: GatewayDep, node: NodeDep) 
 async def search_patient_studies(
     patient_id: str, request: Request, gateway: GatewayDep, node: NodeDep
 ) -> Response:
+    """Studies of one patient: a STUDY level C-FIND with the Patient ID of the path added to the
+    query keys."""
     if not patient_id or "*" in patient_id or "?" in patient_id or "\\" in patient_id:
         raise InvalidRequest("patient_id in the path must be one literal Patient ID")
     return await _answer(
@@ -140,16 +145,23 @@ async def search_patient_studies(
 
 @router.get("/studies", summary="Search for studies")
 async def search_studies(request: Request, gateway: GatewayDep, node: NodeDep) -> Response:
+    """Studies matching the query keys (QIDO-RS Search for Studies, PS3.18 §10.6): one STUDY
+    level C-FIND, plus SERIES level ones when series keys or series attributes
+    (ModalitiesInStudy, counts) are asked for and the PACS does not give them."""
     return await _answer(request, gateway, node, Level.STUDY)
 
 
 @router.get("/series", summary="Search for series in all studies")
 async def search_series(request: Request, gateway: GatewayDep, node: NodeDep) -> Response:
+    """Series of all studies matching the keys (relational query): studies first, then a SERIES
+    level C-FIND per matching study. Study attributes come back with each series."""
     return await _answer(request, gateway, node, Level.SERIES, context=[Level.STUDY])
 
 
 @router.get("/instances", summary="Search for instances in all studies")
 async def search_instances(request: Request, gateway: GatewayDep, node: NodeDep) -> Response:
+    """Instances of all studies matching the keys (relational query): STUDY, SERIES, then IMAGE
+    level C-FINDs. Prefer a narrower resource when a study or series is known."""
     return await _answer(request, gateway, node, Level.IMAGE, context=[Level.STUDY, Level.SERIES])
 
 
@@ -157,6 +169,7 @@ async def search_instances(request: Request, gateway: GatewayDep, node: NodeDep)
 async def search_study_series(
     study: str, request: Request, gateway: GatewayDep, node: NodeDep
 ) -> Response:
+    """Series of one study: one SERIES level C-FIND."""
     check_uid("study", study)
     return await _answer(request, gateway, node, Level.SERIES, path_uids={_STUDY: study})
 
@@ -165,6 +178,7 @@ async def search_study_series(
 async def search_study_instances(
     study: str, request: Request, gateway: GatewayDep, node: NodeDep
 ) -> Response:
+    """Instances of one study: a SERIES level C-FIND, then one IMAGE level C-FIND per series."""
     check_uid("study", study)
     return await _answer(
         request, gateway, node, Level.IMAGE, path_uids={_STUDY: study}, context=[Level.SERIES]
@@ -177,6 +191,7 @@ async def search_study_instances(
 async def search_series_instances(
     study: str, series: str, request: Request, gateway: GatewayDep, node: NodeDep
 ) -> Response:
+    """Instances of one series: one IMAGE level C-FIND."""
     check_uid("study", study)
     check_uid("series", series)
     return await _answer(

@@ -37,6 +37,8 @@ FRAMES     ``multipart/related; type="application/octet-stream"``  default EVRLE
            ``application/octet-stream`` (only with ``single=True``)
 BULKDATA   ``multipart/related; type="application/octet-stream"``  default EVRLE, ``*``
            ``application/octet-stream``
+RENDERED   ``image/jpeg`` (default), ``image/png``, ``image/gif``  none
+           (``negotiate_rendered``)
 =========  ===================================================  ===================
 
 Not offered (yet), hence 406 unless something else asked for is offered:
@@ -154,6 +156,42 @@ def negotiate(
     raise NotAcceptable(
         f"none of the media types asked for can be produced for the {resource.value} "
         f"resource. Asked: {asked}.{because} Offered: {offered}."
+    )
+
+
+RENDERED_TYPES = ("image/jpeg", "image/png", "image/gif")
+
+
+def negotiate_rendered(accept_header: str | None, accept_params: Sequence[str]) -> str:
+    """The rendered media type to produce (PS3.18 §8.7.4, Table 8.7.4-1).
+
+    ``image/jpeg`` is the default (missing Accept, ``*/*``, ``image/*``);
+    ``image/png`` and ``image/gif`` when asked for.  A ``multipart/related``
+    range selects its ``type`` (JPEG without one): resources with several
+    images are multipart whatever was asked, single images never are.
+    """
+    values = [p for p in accept_params if p.strip()]
+    source = "accept query parameter" if values else "Accept header"
+    if not values:
+        values = [accept_header] if accept_header and accept_header.strip() else []
+    ranges = [r for value in values for r in _parse(value, source)]
+    excluded = {r.type for r in ranges if r.q == 0}
+    for rng in sorted((r for r in ranges if r.q > 0), key=lambda r: -r.q):
+        asked = rng.type
+        if asked in (_MULTIPART, "multipart/*"):
+            asked = _first(rng, "type") or RENDERED_TYPES[0]
+        if asked in ("*/*", "image/*"):
+            chosen = next((t for t in RENDERED_TYPES if t not in excluded), None)
+            if chosen is not None:
+                return chosen
+        elif asked in RENDERED_TYPES and asked not in excluded:
+            return asked
+    if not ranges:
+        return RENDERED_TYPES[0]
+    asked_text = ", ".join(r.text for r in ranges)[:_MAX_ECHO]
+    raise NotAcceptable(
+        f"none of the media types asked for can be produced for a rendered resource. "
+        f"Asked: {asked_text}. Offered: {', '.join(RENDERED_TYPES)}."
     )
 
 

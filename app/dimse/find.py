@@ -63,7 +63,7 @@ async def c_find(
         cancel = threading.Event()
         async with pool.lease(fresh=attempt > 0) as lease:
             try:
-                return await pool.run(
+                return await pool.run_observed(
                     lease,
                     functools.partial(
                         _find_blocking,
@@ -74,6 +74,8 @@ async def c_find(
                         accept=accept,
                         cancel=cancel,
                     ),
+                    "C-FIND",
+                    _find_status,
                 )
             except AssociationAborted:
                 if attempt == 0 and lease.reused:
@@ -87,6 +89,14 @@ async def c_find(
                 cancel.set()
                 raise
     raise AssertionError("unreachable")  # pragma: no cover
+
+
+def _find_status(result: FindResult) -> int:
+    return result.status
+
+
+def _echo_status(_rtt: float) -> int:
+    return st.SUCCESS  # a failure status is raised
 
 
 def _find_blocking(
@@ -175,7 +185,9 @@ async def c_echo(pool: AssociationPool) -> float:
     for attempt in range(2):
         async with pool.lease(fresh=attempt > 0) as lease:
             try:
-                return await pool.run(lease, lambda lz: _echo_blocking(lz, pool))
+                return await pool.run_observed(
+                    lease, lambda lz: _echo_blocking(lz, pool), "C-ECHO", _echo_status
+                )
             except AssociationAborted:
                 if attempt == 0 and lease.reused:
                     continue

@@ -72,7 +72,9 @@ from pynetdicom.dimse_primitives import C_STORE
 from app.dimse import status as st
 from app.dimse.cancel import CancelWatcher
 from app.dimse.find import QueryModel, c_find
-from app.dimse.move import MoveProgress, MoveResult, read_counts
+from app.dimse.move import MoveProgress, MoveResult, read_counts, result_status
+from app.dimse.observed_sink import OPERATION as RECEIVED
+from app.dimse.observed_sink import ObservedSink
 from app.dimse.pool import BUSY_POLL, AssociationPool, Lease, set_poll_delay, set_tcp_nodelay
 from app.dimse.storescp import (
     STATUS_CANNOT_UNDERSTAND,
@@ -309,9 +311,11 @@ async def c_get(
     if sop_classes is None:
         learned = await learn_sop_classes(pool, identifier)
         sop_classes = learned or COMMON_STORAGE_CLASSES
+    if pool.observer is not None:
+        sink = ObservedSink(sink, lambda _i, status, t: pool.observe(RECEIVED, status, t))
     async with pool.lease() as lease:
         try:
-            return await pool.run(
+            return await pool.run_observed(
                 lease,
                 functools.partial(
                     _get_blocking,
@@ -325,6 +329,8 @@ async def c_get(
                     on_progress=on_progress,
                     cancel=cancel,
                 ),
+                "C-GET",
+                result_status,
             )
         except asyncio.CancelledError:
             cancel.set()

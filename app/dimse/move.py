@@ -62,6 +62,11 @@ class Unanswered(AssociationAborted):
     """The association failed before the PACS answered the request at all."""
 
 
+def result_status(result: MoveResult) -> int:
+    """The final status of a C-MOVE or C-GET, for the pool's observer."""
+    return result.status
+
+
 def read_counts(rsp: Dataset, into: MoveProgress) -> None:
     """Sub-operation counts of a C-MOVE-RSP or C-GET-RSP (PS3.7 9.1.3.1.7-10,
     9.1.4.1.8-11), where present."""
@@ -96,7 +101,7 @@ async def c_move(
     for attempt in range(2):
         async with pool.lease(fresh=attempt > 0) as lease:
             try:
-                return await pool.run(
+                return await pool.run_observed(
                     lease,
                     functools.partial(
                         _move_blocking,
@@ -108,6 +113,8 @@ async def c_move(
                         on_progress=on_progress,
                         cancel=cancel,
                     ),
+                    "C-MOVE",
+                    result_status,
                 )
             except Unanswered:
                 # A pooled association that died while idle: the PACS never

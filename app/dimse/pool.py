@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import itertools
 import logging
 import socket
@@ -26,13 +27,14 @@ from collections import deque
 from collections.abc import AsyncIterator, Callable, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 from pynetdicom import AE, evt
 from pynetdicom.association import Association
 
 from app.config import PacsNode
-from app.errors import AssociationRejected, PacsUnavailable, PoolExhausted
+from app.dimse.status import CANCEL
+from app.errors import AssociationRejected, PacsFailureStatus, PacsUnavailable, PoolExhausted
 
 log = logging.getLogger(__name__)
 
@@ -85,6 +87,16 @@ def set_tcp_nodelay(event: evt.Event) -> None:
     if sock is not None:
         with contextlib.suppress(OSError):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
+class DimseObserver(Protocol):
+    """Told about every DIMSE operation a pool carries (metrics).
+
+    *status* is the final DIMSE status, or None when there was none (abort,
+    timeout, lost association).  Called on the event loop thread.
+    """
+
+    def __call__(self, node: str, operation: str, status: int | None, seconds: float) -> None: ...
 
 
 @dataclass(eq=False)
@@ -154,6 +166,7 @@ class AssociationPool:
         self._last_error: str | None = None
         self._closed = False
         self._reaper: asyncio.Task[None] | None = None
+        self.observer: DimseObserver | None = None
 
     # -- lifecycle ---------------------------------------------------------
 
@@ -189,6 +202,11 @@ class AssociationPool:
             discarded_total=self._discarded,
             last_error=self._last_error,
         )
+
+    def observe(self, operation: str, status: int | None, elapsed: float) -> None:
+        """Report one finished operation to the observer, if any."""
+        if self.observer is not None:
+            self.observer(self.node.name, operation, status, elapsed)
 
     # -- leasing -----------------------------------------------------------
 
@@ -259,9 +277,40 @@ class AssociationPool:
         so an association never carries two operations.
         """
         loop = asyncio.get_running_loop()
-        future = loop.run_in_executor(self._executor, fn, lease)
+        # The worker logs with the caller's context (its request id), which
+        # run_in_executor would not carry over by itself.
+        context = contextvars.copy_context()
+        future = loop.run_in_executor(self._executor, context.run, fn, lease)
         lease.busy = future
         return await asyncio.shield(future)
+
+    async def run_observed(
+        self,
+        lease: Lease,
+        fn: Callable[[Lease], T],
+        operation: str,
+        status_of: Callable[[T], int],
+    ) -> T:
+        """:meth:`run`, reporting the operation's final status and time to the observer.
+
+        A failure status raised as ``PacsFailureStatus`` is reported as that
+        status; a cancelled wait as Cancel (FE00: the worker sends C-CANCEL);
+        any other error (abort, timeout, lost association) without a status.
+        """
+        started = time.monotonic()
+        try:
+            result = await self.run(lease, fn)
+        except PacsFailureStatus as exc:
+            self.observe(operation, exc.status, time.monotonic() - started)
+            raise
+        except asyncio.CancelledError:
+            self.observe(operation, CANCEL, time.monotonic() - started)
+            raise
+        except Exception:
+            self.observe(operation, None, time.monotonic() - started)
+            raise
+        self.observe(operation, status_of(result), time.monotonic() - started)
+        return result
 
     # -- internals ---------------------------------------------------------
 

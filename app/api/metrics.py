@@ -1,0 +1,20 @@
+"""``GET /metrics``: the Prometheus text exposition of this app's registry."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Request, Response
+from prometheus_client import CONTENT_TYPE_LATEST
+
+from app.metrics import Metrics
+
+router = APIRouter(tags=["health"])
+
+
+@router.get("/metrics", summary="Prometheus metrics", response_class=Response)
+async def metrics(request: Request) -> Response:
+    """Requests by route and status with latencies, DIMSE operations by node, type
+    and status with latencies, association pools (in use, idle, waiting) per node,
+    the instance cache (bytes, hits, misses) and response bytes sent, in the
+    Prometheus text format. Metric names are listed in `docs/architecture.md`."""
+    registry: Metrics = request.app.state.metrics
+    return Response(registry.render(), media_type=CONTENT_TYPE_LATEST)

@@ -1,0 +1,84 @@
+"""The request id and the HTTP metrics, as one pure ASGI middleware.
+
+Pure ASGI (not ``BaseHTTPMiddleware``) so streamed bodies pass through
+untouched, the request's context variables stay those of the handler, and the
+time measured ends with the last body byte of a streamed retrieve.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+import uuid
+
+from starlette.datastructures import MutableHeaders
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from app.logs import request_id
+from app.metrics import Metrics
+
+HEADER = "X-Request-ID"
+# A client's id is kept if it is short and plain: it goes into every log line.
+_ACCEPTABLE_ID = re.compile(r"^[A-Za-z0-9._:@/+=-]{1,128}$")
+
+
+def _incoming_id(scope: Scope) -> str | None:
+    for name, value in scope.get("headers", ()):
+        if name == b"x-request-id":
+            text = value.decode("latin-1").strip()
+            return text if _ACCEPTABLE_ID.match(text) else None
+    return None
+
+
+def route_template(scope: Scope) -> str:
+    """The path with each path parameter's value put back as ``{name}``:
+    ``/pacs/{node}/dicomweb/studies/{study}``; ``unmatched`` when no route took it.
+
+    Rebuilt from the path rather than read from the route object, which for an
+    included router holds the path without its prefix.
+    """
+    if scope.get("route") is None:
+        return "unmatched"
+    path: str = scope["path"]
+    params = {str(v): k for k, v in (scope.get("path_params") or {}).items() if str(v)}
+    tail = ""
+    for value, name in params.items():
+        # A {name:path} parameter spans several segments: it is the path's tail.
+        if "/" in value and path.endswith("/" + value):
+            path, tail = path[: -len(value) - 1], "/{" + name + "}"
+            break
+    segments = ["{" + params[s] + "}" if s in params else s for s in path.split("/")]
+    return "/".join(segments) + tail
+
+
+class ObservabilityMiddleware:
+    def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        rid = _incoming_id(scope) or uuid.uuid4().hex
+        token = request_id.set(rid)
+        started = time.perf_counter()
+        status = 500
+        sent = 0
+
+        async def send_with_id(message: Message) -> None:
+            nonlocal status, sent
+            if message["type"] == "http.response.start":
+                status = int(message["status"])
+                MutableHeaders(scope=message).append(HEADER, rid)
+            elif message["type"] == "http.response.body":
+                sent += len(message.get("body", b""))
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_with_id)
+        finally:
+            self.metrics.observe_http(
+                scope["method"], route_template(scope), status, time.perf_counter() - started, sent
+            )
+            request_id.reset(token)
