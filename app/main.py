@@ -10,9 +10,10 @@ from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 
 from app import __version__
-from app.api import errors, health, nifti, retrieve, search
+from app.api import errors, health, jobs, nifti, retrieve, search
 from app.config import Settings, load_settings
 from app.runtime import Gateway
+from app.services.jobs import JobManager
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -24,12 +25,16 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         gateway = Gateway(settings)
         await gateway.start()
         app.state.gateway = gateway
+        job_manager = JobManager(gateway)
+        job_manager.start()
+        app.state.jobs = job_manager
         # Move start-up objects out of the collector's reach: a full collection
         # otherwise walks them on every large answer (about 30 ms per 1000 matches).
         gc.freeze()
         try:
             yield
         finally:
+            await job_manager.close()
             await gateway.close()
 
     app = FastAPI(
@@ -43,10 +48,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(
         CORSMiddleware,
         allow_origins=["*"],
-        allow_methods=["GET", "OPTIONS"],
+        allow_methods=["GET", "POST", "DELETE", "OPTIONS"],
         allow_headers=["*"],
         # Paging and partial-result notes travel in Warning (PS3.18 §8.3.4.4).
-        expose_headers=["Warning", "Content-Location"],
+        expose_headers=["Warning", "Content-Location", "Location"],
     )
     app.include_router(health.router)
     app.include_router(search.router, prefix="/dicomweb")
@@ -55,4 +60,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(retrieve.router, prefix="/pacs/{node}/dicomweb")
     app.include_router(nifti.router, prefix="/dicomweb")
     app.include_router(nifti.router, prefix="/pacs/{node}/dicomweb")
+    app.include_router(jobs.create_router, prefix="/dicomweb")
+    app.include_router(jobs.create_router, prefix="/pacs/{node}/dicomweb")
+    app.include_router(jobs.router)
     return app
