@@ -20,7 +20,7 @@ from app.api.deps import NodeDep
 from app.api.errors import error_body
 from app.dicomweb.query import check_uid
 from app.errors import InvalidRequest
-from app.services.jobs import Job, JobEvent, JobManager
+from app.services.jobs import Job, JobEvent, JobManager, JobState
 
 # POST under each DICOMweb base; the rest at the root.
 create_router = APIRouter(tags=["Jobs"])
@@ -84,7 +84,7 @@ def job_json(request: Request, job: Job, event: JobEvent | None = None) -> dict[
         },
         "cached": job.cached,
         "created": _when(job.created),
-        "started": _when(job.started),
+        "started": _when(job.started) if state is not JobState.QUEUED else None,
         "finished": _when(job.finished) if state.finished else None,
         "links": {"self": _path(request, job), "events": _path(request, job, "events")},
     }

@@ -13,7 +13,7 @@ import re
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -152,18 +152,24 @@ def find(
 
 @dataclass
 class _Bar:
-    """A rich progress bar on stderr, or nothing."""
+    """Rich progress rows on stderr (one per stage: retrieving, downloading), or nothing."""
 
     progress: Progress | None
-    task: TaskID | None = None
+    tasks: dict[str, TaskID] = field(default_factory=dict)
 
-    def update(self, description: str, completed: int, total: int | None, detail: str) -> None:
+    def update(
+        self, stage: str, completed: int, total: int | None, detail: str = "", label: str = ""
+    ) -> None:
         if self.progress is None:
             return
-        if self.task is None:
-            self.task = self.progress.add_task(description, total=total, detail=detail)
+        if stage not in self.tasks:
+            self.tasks[stage] = self.progress.add_task(label or stage, total=total, detail=detail)
         self.progress.update(
-            self.task, description=description, completed=completed, total=total, detail=detail
+            self.tasks[stage],
+            description=label or stage,
+            completed=completed,
+            total=total,
+            detail=detail,
         )
 
 
@@ -174,7 +180,7 @@ def _progress(show: bool) -> Iterator[_Bar]:
         return
     progress = Progress(
         TextColumn("{task.description:<12}"),
-        BarColumn(),
+        BarColumn(bar_width=24),
         MofNCompleteColumn(),
         TextColumn("{task.fields[detail]}"),
         TimeElapsedColumn(),
@@ -201,10 +207,11 @@ def _follow_job(client: GatewayClient, job: dict[str, Any], bar: _Bar) -> dict[s
         total = p["completed"] + p["failed"] + p["warning"] + (p["remaining"] or 0)
         phase = "converting" if state["phase"] == "convert" else "retrieving"
         bar.update(
-            phase,
+            "job",
             p["received"],
             total if known or state["state"] in _FINISHED else None,
             _job_detail(p),
+            label=phase,
         )
         if state["state"] in _FINISHED:
             break
@@ -260,7 +267,7 @@ def _download_dicom(
                         fh.write(chunk)
                 os.replace(temp, target)
                 written += 1
-                bar.update("downloading", written, total, str(target.parent))
+                bar.update("downloading", written, total, "instances")
         except MultipartError as exc:
             raise ClientError(f"the gateway's answer broke off: {exc}; {written} written") from exc
     if not reader.complete:
@@ -284,7 +291,8 @@ def _download_file(client: GatewayClient, path: str, target: Path, bar: _Bar, **
             for chunk in resp.iter_bytes():
                 fh.write(chunk)
                 size += len(chunk)
-                bar.update("downloading", size, total, "bytes")
+                kib = (total + 1023) // 1024 if total is not None else None
+                bar.update("downloading", (size + 1023) // 1024, kib, "KiB")
         os.replace(temp, target)
     finally:
         temp.unlink(missing_ok=True)
@@ -307,44 +315,57 @@ def get(
     nifti = name.endswith((".nii", ".nii.gz"))
     if nifti and series is None:
         raise ClientError("a NIfTI file holds one series: give --series")
-    compress = name.endswith(".gz")
     with _progress(show_progress) as bar:
-        job = None
-        if use_job:
-            body: dict[str, Any] = {"study": study, "series": series}
-            if nifti:
-                body |= {"nifti": True, "compress": compress}
-            job = client.start_job(body)
-            if job is None:
-                print("this gateway has no jobs; downloading without progress counts", file=err)
-        if job is not None:
-            try:
-                state = _follow_job(client, job, bar)
-            except KeyboardInterrupt:
-                client.cancel(job["id"])
-                raise
-            if state["state"] != "done":
-                raise _job_failure(state)
-            if nifti:
-                size = _download_file(client, f"/jobs/{job['id']}/result", to, bar)
-                with suppress(ClientError):  # finished: this forgets the job and its file
-                    client.cancel(job["id"])
-                print(f"{to} ({size} bytes)", file=out)
-                return 0
-            total: int | None = state["progress"]["received"]
-        elif nifti:
-            path = f"{client.base}/studies/{study}/series/{series}/nifti"
-            size = _download_file(
-                client, path, to, bar, params={"compress": "true" if compress else "false"}
-            )
-            print(f"{to} ({size} bytes)", file=out)
-            return 0
-        else:
-            total = None
-        to.mkdir(parents=True, exist_ok=True)
-        written = _download_dicom(client, study, series, to, transfer_syntax, bar, total, err)
-    print(f"{to}: {written} instances", file=out)
+        done = _get(client, study, series, to, transfer_syntax, use_job, nifti, bar, err)
+    # After the bar has gone: printing under a live display garbles it.
+    print(done, file=out)
     return 0
+
+
+def _get(
+    client: GatewayClient,
+    study: str,
+    series: str | None,
+    to: Path,
+    transfer_syntax: str,
+    use_job: bool,
+    nifti: bool,
+    bar: _Bar,
+    err: TextIO,
+) -> str:
+    compress = to.name.lower().endswith(".gz")
+    job = None
+    if use_job:
+        body: dict[str, Any] = {"study": study, "series": series}
+        if nifti:
+            body |= {"nifti": True, "compress": compress}
+        job = client.start_job(body)
+        if job is None:
+            print("this gateway has no jobs; downloading without progress counts", file=err)
+    total: int | None = None
+    if job is not None:
+        try:
+            state = _follow_job(client, job, bar)
+        except KeyboardInterrupt:
+            with suppress(ClientError):
+                client.cancel(job["id"])
+            raise
+        if state["state"] != "done":
+            raise _job_failure(state)
+        if nifti:
+            size = _download_file(client, f"/jobs/{job['id']}/result", to, bar)
+            with suppress(ClientError):  # finished: this forgets the job and its file
+                client.cancel(job["id"])
+            return f"{to} ({size} bytes)"
+        total = state["progress"]["received"]
+    elif nifti:
+        path = f"{client.base}/studies/{study}/series/{series}/nifti"
+        params = {"compress": "true" if compress else "false"}
+        size = _download_file(client, path, to, bar, params=params)
+        return f"{to} ({size} bytes)"
+    to.mkdir(parents=True, exist_ok=True)
+    written = _download_dicom(client, study, series, to, transfer_syntax, bar, total, err)
+    return f"{to}: {written} instances"
 
 
 def default_url() -> str:
