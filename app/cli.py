@@ -186,6 +186,8 @@ def cmd_get(args: argparse.Namespace) -> int:
             to=Path(args.to),
             transfer_syntax=args.transfer_syntax,
             use_job=not args.no_job,
+            echo=args.echo,
+            volume=args.volume,
             show_progress=show,
             out=sys.stdout,
             err=sys.stderr,
@@ -264,6 +266,8 @@ def build_parser() -> argparse.ArgumentParser:
         default="*",
         help="as the PACS stored them (*, the default) or a transfer syntax UID",
     )
+    get.add_argument("--echo", type=int, help="NIfTI: the echo of a multi-echo series")
+    get.add_argument("--volume", type=int, help="NIfTI: the volume of a series that has several")
     get.add_argument(
         "--no-job",
         action="store_true",

@@ -49,6 +49,12 @@ class JobRequest(BaseModel):
         description="convert the series to one NIfTI-1 volume, kept for GET /jobs/{id}/result",
     )
     compress: bool = Field(default=True, description="NIfTI as .nii.gz (true) or .nii")
+    echo: int | None = Field(
+        default=None, ge=1, description="NIfTI: EchoNumber of the volume (dcm2niix's _eN file)"
+    )
+    volume: int | None = Field(
+        default=None, ge=1, description="NIfTI: number of the volume, as the 300 listing counts"
+    )
 
 
 def _when(ts: float | None) -> str | None:
@@ -89,7 +95,10 @@ def job_json(request: Request, job: Job, event: JobEvent | None = None) -> dict[
         "links": {"self": _path(request, job), "events": _path(request, job, "events")},
     }
     if job.nifti:
+        body["echo"], body["volume"] = job.echo, job.volume
         body["links"]["result"] = _path(request, job, "result")
+        if job.resampled and state.finished:
+            body["resampled"] = job.resampled
     if state.finished and job.error is not None:
         body["error"] = error_body(job.error)
     return body
@@ -124,7 +133,17 @@ async def create_job(
         check_uid("series", body.series)
     if body.nifti and body.series is None:
         raise InvalidRequest("nifti needs a series: a study is not one volume")
-    job = jobs.submit(node, body.study, body.series, nifti=body.nifti, compress=body.compress)
+    if not body.nifti and (body.echo is not None or body.volume is not None):
+        raise InvalidRequest("echo and volume choose a NIfTI volume: they need nifti")
+    job = jobs.submit(
+        node,
+        body.study,
+        body.series,
+        nifti=body.nifti,
+        compress=body.compress,
+        echo=body.echo,
+        volume=body.volume,
+    )
     return JSONResponse(
         job_json(request, job), status_code=202, headers={"Location": _path(request, job)}
     )

@@ -307,6 +307,8 @@ def get(
     to: Path,
     transfer_syntax: str = "*",
     use_job: bool = True,
+    echo: int | None = None,
+    volume: int | None = None,
     show_progress: bool,
     out: TextIO,
     err: TextIO,
@@ -315,8 +317,11 @@ def get(
     nifti = name.endswith((".nii", ".nii.gz"))
     if nifti and series is None:
         raise ClientError("a NIfTI file holds one series: give --series")
+    choice = {k: v for k, v in (("echo", echo), ("volume", volume)) if v is not None}
+    if choice and not nifti:
+        raise ClientError("--echo and --volume choose a NIfTI volume: give --to FILE.nii.gz")
     with _progress(show_progress) as bar:
-        done = _get(client, study, series, to, transfer_syntax, use_job, nifti, bar, err)
+        done = _get(client, study, series, to, transfer_syntax, use_job, choice, bar, err)
     # After the bar has gone: printing under a live display garbles it.
     print(done, file=out)
     return 0
@@ -329,16 +334,17 @@ def _get(
     to: Path,
     transfer_syntax: str,
     use_job: bool,
-    nifti: bool,
+    choice: dict[str, int],
     bar: _Bar,
     err: TextIO,
 ) -> str:
+    nifti = to.name.lower().endswith((".nii", ".nii.gz"))
     compress = to.name.lower().endswith(".gz")
     job = None
     if use_job:
         body: dict[str, Any] = {"study": study, "series": series}
         if nifti:
-            body |= {"nifti": True, "compress": compress}
+            body |= {"nifti": True, "compress": compress, **choice}
         job = client.start_job(body)
         if job is None:
             print("this gateway has no jobs; downloading without progress counts", file=err)
@@ -360,7 +366,7 @@ def _get(
         total = state["progress"]["received"]
     elif nifti:
         path = f"{client.base}/studies/{study}/series/{series}/nifti"
-        params = {"compress": "true" if compress else "false"}
+        params = {"compress": "true" if compress else "false", **choice}
         size = _download_file(client, path, to, bar, params=params)
         return f"{to} ({size} bytes)"
     to.mkdir(parents=True, exist_ok=True)

@@ -30,8 +30,15 @@ from pathlib import Path
 
 from app.cache import CachedInstance
 from app.config import PacsNode
-from app.convert.nifti import Volume, build_volume, to_nifti
-from app.errors import GatewayError, JobNotReady, NotFound, RetrieveIncomplete, TooManyJobs
+from app.convert.nifti import SeriesPart, Volume, build_part, split_series, to_nifti
+from app.errors import (
+    GatewayError,
+    InvalidRequest,
+    JobNotReady,
+    NotFound,
+    RetrieveIncomplete,
+    TooManyJobs,
+)
 from app.runtime import Gateway
 from app.services.retrieve import Fetch, Target, incomplete_message
 from app.services.studies import series_of_study
@@ -91,6 +98,9 @@ class Job:
     series: str | None
     nifti: bool
     compress: bool
+    # Which volume of a series dcm2niix would split (echoes, magnitude/phase).
+    echo: int | None = None
+    volume: int | None = None
     created: float = field(default_factory=time.time)
     state: JobState = JobState.QUEUED
     phase: JobPhase = JobPhase.RETRIEVE
@@ -102,6 +112,8 @@ class Job:
     finished: float | None = None
     result_path: Path | None = None
     result_name: str | None = None
+    # Set when the voxels were interpolated (gantry tilt), as the NIfTI resource says it.
+    resampled: str | None = None
     events: list[JobEvent] = field(default_factory=list)
     task: asyncio.Task[None] | None = None
     _changed: asyncio.Event = field(default_factory=asyncio.Event)
@@ -169,6 +181,8 @@ class JobManager:
         *,
         nifti: bool = False,
         compress: bool = True,
+        echo: int | None = None,
+        volume: int | None = None,
     ) -> Job:
         self._expire()
         if len(self._jobs) >= self.max_jobs:
@@ -176,7 +190,7 @@ class JobManager:
             if not finished:
                 raise TooManyJobs(self.max_jobs)
             self._forget(min(finished, key=lambda j: j.finished or 0.0))
-        job = Job(uuid.uuid4().hex, node.name, study, series, nifti, compress)
+        job = Job(uuid.uuid4().hex, node.name, study, series, nifti, compress, echo, volume)
         job.record()
         self._jobs[job.id] = job
         loop = asyncio.get_running_loop()
@@ -338,12 +352,15 @@ class JobManager:
         return list(fetch.arrived)
 
     async def _convert(self, job: Job, instances: list[CachedInstance]) -> None:
-        volume = await asyncio.to_thread(build_volume, [i.path for i in instances])
+        parts = await asyncio.to_thread(split_series, [i.path for i in instances])
+        chosen = _choose(job, parts)
+        volume = await asyncio.to_thread(build_part, chosen)
+        job.resampled = volume.resampled or None
         suffix = ".nii.gz" if job.compress else ".nii"
-        part = self.results / f"{job.id}.part"
+        partial = self.results / f"{job.id}.part"
         stop = threading.Event()
         writing = asyncio.ensure_future(
-            asyncio.to_thread(_write_nifti, volume, part, job.compress, stop)
+            asyncio.to_thread(_write_nifti, volume, partial, job.compress, stop)
         )
         try:
             await asyncio.shield(writing)
@@ -352,15 +369,41 @@ class JobManager:
             stop.set()
             with contextlib.suppress(Exception):
                 await writing
-            part.unlink(missing_ok=True)
+            partial.unlink(missing_ok=True)
             raise
         except BaseException:
-            part.unlink(missing_ok=True)
+            partial.unlink(missing_ok=True)
             raise
         final = self.results / f"{job.id}{suffix}"
-        part.rename(final)
+        partial.rename(final)
         job.result_path = final
-        job.result_name = _file_name(volume, job.series or job.study) + suffix
+        job.result_name = _file_name(volume, job.series or job.study) + chosen.suffix + suffix
+
+
+def _choose(job: Job, parts: list[SeriesPart]) -> SeriesPart:
+    """The one volume the job asked for, as the NIfTI resource chooses it."""
+    chosen = [
+        p
+        for p in parts
+        if (job.volume is None or p.number == job.volume)
+        and (job.echo is None or p.echo_number == job.echo)
+    ]
+    held = "; ".join(
+        f"volume {p.number}" + (f" (echo {p.echo_number})" if p.echo_number is not None else "")
+        for p in parts
+    )
+    if not chosen:
+        asked = " and ".join(
+            f"{k}={v}" for k, v in (("echo", job.echo), ("volume", job.volume)) if v is not None
+        )
+        raise NotFound(f"no volume of this series matches {asked}: it holds {held}")
+    if len(chosen) > 1:
+        suffixes = ", ".join(p.suffix or "(none)" for p in parts)
+        raise InvalidRequest(
+            f"the series makes {len(parts)} volumes, as dcm2niix would write {len(parts)} "
+            f"files ({suffixes}): start the job with echo or volume to choose one ({held})"
+        )
+    return chosen[0]
 
 
 def _progress_of(fetch: Fetch) -> Progress:

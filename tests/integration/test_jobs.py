@@ -18,10 +18,13 @@ from typing import Any
 import httpx
 import pytest
 
+from app.cli import main
 from app.runtime import Gateway
 from app.sampledata import ct_series, sample_patients, write_datasets
 from tests.gateway_server import GatewayServer, free_port, gateway_settings, local_node
 from tests.integration.conftest import GATEWAY_AE
+from tests.integration.test_nifti_http_cases import STUDY as ECHO_STUDY
+from tests.integration.test_nifti_http_cases import _multi_echo
 from tests.peers.orthanc import OrthancPeer, orthanc_available
 
 pytestmark = pytest.mark.integration
@@ -231,7 +234,8 @@ BIG_STUDY = "2.25.777000222"
 
 @pytest.fixture(scope="module")
 def big(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[GatewayServer, OrthancPeer]]:
-    """An Orthanc of its own with one 150-slice 512x512 CT: a move long enough to stop."""
+    """An Orthanc of its own with one 150-slice 512x512 CT (a move long enough to
+    stop) and a three-echo MR series (three NIfTI volumes)."""
     if not orthanc_available():
         pytest.skip("Orthanc is not installed (apt: orthanc orthanc-dicomweb)")
     files = write_datasets(
@@ -246,6 +250,7 @@ def big(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[GatewayServe
         ),
         tmp_path_factory.mktemp("big-ct"),
     )
+    files += write_datasets(_multi_echo(), tmp_path_factory.mktemp("multi-echo"))
     storage_port = free_port()
     peer = OrthancPeer(
         tmp_path_factory.mktemp("orthanc-big"),
@@ -278,9 +283,11 @@ def test_cancel_stops_the_move_and_keeps_no_partial_series(
     big: tuple[GatewayServer, OrthancPeer],
 ) -> None:
     gw, peer = big
-    series = next(iter(peer.loaded.values())).series_instance_uid
-    total = len(peer.loaded)
-    job = start(gw, {"study": BIG_STUDY, "series": series})
+    series = next(i for i in peer.loaded.values() if i.study_instance_uid == BIG_STUDY)
+    series_uid = series.series_instance_uid
+    total = sum(i.series_instance_uid == series_uid for i in peer.loaded.values())
+    assert total == 150
+    job = start(gw, {"study": BIG_STUDY, "series": series_uid})
     events: list[dict[str, Any]] = []
     with httpx.stream("GET", f"{gw.url}/jobs/{job['id']}/events", timeout=60) as resp:
         lines = resp.iter_lines()
@@ -304,15 +311,57 @@ def test_cancel_stops_the_move_and_keeps_no_partial_series(
     rt: Gateway = gw.app.state.gateway
     assert _wait(lambda: not rt.retriever._fetches), "the move was not stopped"
     assert _wait(lambda: not list((rt.cache.root / "tmp").iterdir())), "a partial file was left"
-    assert rt.cache.series(series) is None, "a cancelled move is not a complete series"
+    assert rt.cache.series(series_uid) is None, "a cancelled move is not a complete series"
     assert httpx.get(f"{gw.url}/pacs", timeout=5).json()[0]["pool"]["in_use"] == 0
     # Cancelling a finished job forgets it; cancelling twice is harmless.
     assert httpx.delete(f"{gw.url}/jobs/{job['id']}", timeout=5).status_code == 204
 
-    again = start(gw, {"study": BIG_STUDY, "series": series})
+    again = start(gw, {"study": BIG_STUDY, "series": series_uid})
     final = follow(gw, again["id"])[-1][1]
     assert final["state"] == "done"
     assert final["progress"]["received"] == final["progress"]["completed"] == total
+
+
+def test_nifti_job_of_a_multi_echo_series_needs_a_choice(
+    big: tuple[GatewayServer, OrthancPeer], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    gw, peer = big
+    series = next(
+        i.series_instance_uid for i in peer.loaded.values() if i.study_instance_uid == ECHO_STUDY
+    )
+    body = {"study": ECHO_STUDY, "series": series, "nifti": True}
+    unchosen = follow(gw, start(gw, body)["id"])[-1][1]
+    assert unchosen["state"] == "failed"
+    assert unchosen["error"]["error"] == "InvalidRequest"
+    assert (
+        "3 volumes" in unchosen["error"]["message"]
+        and "_e1, _e2, _e3" in unchosen["error"]["message"]
+    )
+
+    job = start(gw, {**body, "echo": 2})
+    final = follow(gw, job["id"])[-1][1]
+    assert final["state"] == "done" and final["echo"] == 2
+    result = httpx.get(f"{gw.url}/jobs/{job['id']}/result", timeout=60)
+    assert result.status_code == 200
+    assert '_e2.nii.gz"' in result.headers["content-disposition"]
+    direct = httpx.get(
+        f"{gw.dicomweb}/studies/{ECHO_STUDY}/series/{series}/nifti", params={"echo": 2}, timeout=60
+    )
+    assert direct.status_code == 200
+    assert gzip.decompress(result.content) == gzip.decompress(direct.content)
+
+    # The same through the command-line client.
+    get = ["get", "--url", gw.url, "--study", ECHO_STUDY, "--series", series]
+    assert main([*get, "--to", str(tmp_path / "me.nii.gz")]) == 1
+    assert "3 volumes" in capsys.readouterr().err
+    assert main([*get, "--echo", "2", "--to", str(tmp_path / "e2.nii.gz")]) == 0
+    assert gzip.decompress((tmp_path / "e2.nii.gz").read_bytes()) == gzip.decompress(direct.content)
+
+    missing = follow(gw, start(gw, {**body, "volume": 9})["id"])[-1][1]
+    assert missing["state"] == "failed" and missing["error"]["error"] == "NotFound"
+    assert "volume=9" in missing["error"]["message"]
+    refused = httpx.post(f"{gw.dicomweb}/jobs", json={"study": ECHO_STUDY, "echo": 1}, timeout=5)
+    assert refused.status_code == 400 and "nifti" in refused.json()["message"]
 
 
 # ---------------------------------------------------------------- bounds and expiry
