@@ -1,4 +1,4 @@
-"""``dimse-gateway`` command line: serve, demo, echo, nodes."""
+"""``dimse-gateway`` command line: serve, demo, echo, nodes; find and get from a running gateway."""
 
 from __future__ import annotations
 
@@ -179,6 +179,56 @@ def cmd_load_samples(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_find(args: argparse.Namespace) -> int:
+    from app.client.commands import find, parse_keys, run
+    from app.client.gateway import GatewayClient
+
+    try:
+        params = parse_keys(args.keys)
+    except ValueError as exc:
+        print(f"dimse-gateway find: {exc}", file=sys.stderr)
+        return 2
+    if args.limit is not None:
+        params.append(("limit", str(args.limit)))
+    with GatewayClient(args.url, args.node) as client:
+        return run(
+            find, client, args.level, params, as_json=args.json, out=sys.stdout, err=sys.stderr
+        )
+
+
+def cmd_get(args: argparse.Namespace) -> int:
+    from app.client.commands import get, run
+    from app.client.gateway import GatewayClient
+
+    show = args.progress if args.progress is not None else sys.stderr.isatty()
+    with GatewayClient(args.url, args.node) as client:
+        return run(
+            get,
+            client,
+            study=args.study,
+            series=args.series,
+            to=Path(args.to),
+            transfer_syntax=args.transfer_syntax,
+            use_job=not args.no_job,
+            echo=args.echo,
+            volume=args.volume,
+            show_progress=show,
+            out=sys.stdout,
+            err=sys.stderr,
+        )
+
+
+def _client_options(parser: argparse.ArgumentParser) -> None:
+    from app.client.commands import default_url
+
+    parser.add_argument(
+        "--url",
+        default=default_url(),
+        help="the gateway (default: $DIMSE_GATEWAY_URL or http://127.0.0.1:8000)",
+    )
+    parser.add_argument("--node", help="PACS node name (default: the gateway's default node)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="dimse-gateway", description="DICOMweb gateway in front of DIMSE-only PACS"
@@ -216,6 +266,53 @@ def build_parser() -> argparse.ArgumentParser:
     nodes = sub.add_parser("nodes", help="list configured nodes")
     nodes.add_argument("--config")
     nodes.set_defaults(func=cmd_nodes)
+
+    find = sub.add_parser(
+        "find",
+        help="search a running gateway (QIDO-RS) and print a table",
+        description="Exit codes: 0 done (also when nothing matched), 1 the gateway refused, "
+        "2 bad arguments, 3 the gateway could not be reached.",
+    )
+    _client_options(find)
+    find.add_argument("--level", choices=["studies", "series", "instances"], default="studies")
+    find.add_argument("--limit", type=int)
+    find.add_argument("--json", action="store_true", help="print the DICOM JSON as answered")
+    find.add_argument(
+        "keys", nargs="*", metavar="KEY=VALUE", help="QIDO parameters, e.g. PatientName='DOE*'"
+    )
+    find.set_defaults(func=cmd_find)
+
+    get = sub.add_parser(
+        "get",
+        help="download a study or series from a running gateway",
+        description="Instances go to DIR/<series>/<sop>.dcm; a target ending in .nii or .nii.gz "
+        "gets the series as one NIfTI volume.  Exit codes: 0 done, 1 the gateway refused or "
+        "the retrieve failed or was incomplete, 2 bad arguments, 3 the gateway could not be "
+        "reached, 130 interrupted (the job is cancelled).",
+    )
+    _client_options(get)
+    get.add_argument("--study", required=True, help="StudyInstanceUID")
+    get.add_argument("--series", help="SeriesInstanceUID (default: the whole study)")
+    get.add_argument("--to", required=True, metavar="DIR|FILE.nii.gz")
+    get.add_argument(
+        "--transfer-syntax",
+        default="*",
+        help="as the PACS stored them (*, the default) or a transfer syntax UID",
+    )
+    get.add_argument("--echo", type=int, help="NIfTI: the echo of a multi-echo series")
+    get.add_argument("--volume", type=int, help="NIfTI: the volume of a series that has several")
+    get.add_argument(
+        "--no-job",
+        action="store_true",
+        help="download directly, without a job (no progress counts from the PACS)",
+    )
+    get.add_argument(
+        "--progress",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="show a progress bar (default: when stderr is a terminal)",
+    )
+    get.set_defaults(func=cmd_get)
     return parser
 
 

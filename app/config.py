@@ -113,6 +113,14 @@ class Settings(BaseSettings):
     storage_max_pdu: int = Field(default=1024 * 1024, ge=16384)
     # NIfTI sidecars leave out patient identity unless asked (?phi=true) and allowed here.
     allow_phi_in_sidecars: bool = False
+    # Retrieve jobs (POST /jobs): how many are kept at once (finished ones make room
+    # oldest first), how many run at once (the rest wait, queued), and how long a
+    # finished job and its NIfTI result stay.
+    jobs_max: int = Field(default=64, ge=1, le=10000)
+    jobs_concurrency: int = Field(default=2, ge=1, le=64)
+    jobs_ttl: float = Field(default=3600.0, gt=0)
+    # A comment line on a quiet /jobs/{id}/events stream, so proxies keep it open.
+    jobs_heartbeat: float = Field(default=15.0, gt=0)
     nodes: list[PacsNode] = Field(default_factory=list)
 
     @field_validator("ae_title")

@@ -9,6 +9,8 @@
     ├── NotFound                  nothing there (404)
     │   └── UnknownNode           no PACS configured under that name
     ├── PoolExhausted             no association free within the wait limit (503)
+    ├── TooManyJobs               every job slot holds a queued or running job (503)
+    ├── JobNotReady               a job's result was asked for before it exists (409)
     ├── PacsError                 the PACS did not do what was asked
     │   ├── PacsUnavailable       cannot connect (503)
     │   ├── AssociationRejected   A-ASSOCIATE-RJ (502)
@@ -69,6 +71,21 @@ class PoolExhausted(GatewayError):
         )
         self.node = node
         self.retry_after = retry_after
+
+
+class TooManyJobs(GatewayError):
+    """Every job slot holds a job that has not finished yet."""
+
+    def __init__(self, limit: int, retry_after: int = 5) -> None:
+        super().__init__(
+            f"the gateway already holds {limit} unfinished jobs (jobs_max); "
+            "retry when one has finished"
+        )
+        self.retry_after = retry_after
+
+
+class JobNotReady(GatewayError):
+    """The job has no result (yet): it is still running, failed, or was not a NIfTI job."""
 
 
 class PacsError(GatewayError):

@@ -10,12 +10,13 @@ from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 
 from app import __version__
-from app.api import errors, health, metrics, nifti, openapi, rendered, retrieve, search
+from app.api import errors, health, jobs, metrics, nifti, openapi, rendered, retrieve, search
 from app.api.middleware import HEADER as REQUEST_ID_HEADER
 from app.api.middleware import ObservabilityMiddleware
 from app.config import Settings, load_settings
 from app.metrics import Metrics
 from app.runtime import Gateway
+from app.services.jobs import JobManager
 
 DESCRIPTION = """\
 QIDO-RS (search) and WADO-RS (retrieve, metadata, frames, bulk data, rendered
@@ -40,12 +41,16 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         registry.instrument(gateway)
         await gateway.start()
         app.state.gateway = gateway
+        job_manager = JobManager(gateway)
+        job_manager.start()
+        app.state.jobs = job_manager
         # Move start-up objects out of the collector's reach: a full collection
         # otherwise walks them on every large answer (about 30 ms per 1000 matches).
         gc.freeze()
         try:
             yield
         finally:
+            await job_manager.close()
             await gateway.close()
 
     app = FastAPI(
@@ -63,10 +68,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(
         CORSMiddleware,
         allow_origins=["*"],
-        allow_methods=["GET", "OPTIONS"],
+        allow_methods=["GET", "POST", "DELETE", "OPTIONS"],
         allow_headers=["*"],
         # Paging and partial-result notes travel in Warning (PS3.18 §8.3.4.4).
-        expose_headers=["Warning", "Content-Location", REQUEST_ID_HEADER],
+        expose_headers=["Warning", "Content-Location", "Location", REQUEST_ID_HEADER],
     )
     # Outside CORS, so that every answer (preflights too) has its request id.
     app.add_middleware(ObservabilityMiddleware, metrics=registry)
@@ -80,4 +85,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(rendered.router, prefix="/pacs/{node}/dicomweb")
     app.include_router(nifti.router, prefix="/dicomweb")
     app.include_router(nifti.router, prefix="/pacs/{node}/dicomweb")
+    app.include_router(jobs.create_router, prefix="/dicomweb")
+    app.include_router(jobs.create_router, prefix="/pacs/{node}/dicomweb")
+    app.include_router(jobs.router)
     return app

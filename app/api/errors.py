@@ -19,12 +19,14 @@ from app.errors import (
     DimseTimeout,
     GatewayError,
     InvalidRequest,
+    JobNotReady,
     NotAcceptable,
     NotFound,
     PacsError,
     PacsFailureStatus,
     PacsUnavailable,
     PoolExhausted,
+    TooManyJobs,
 )
 
 log = logging.getLogger(__name__)
@@ -39,7 +41,9 @@ def _status_of(exc: GatewayError) -> int:
         return 406
     if isinstance(exc, ConversionError):
         return 422
-    if isinstance(exc, PoolExhausted | PacsUnavailable):
+    if isinstance(exc, JobNotReady):
+        return 409
+    if isinstance(exc, PoolExhausted | PacsUnavailable | TooManyJobs):
         return 503
     if isinstance(exc, DimseTimeout):
         return 504
@@ -69,7 +73,7 @@ async def _gateway_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, GatewayError)
     status = _status_of(exc)
     headers = {}
-    if isinstance(exc, PoolExhausted):
+    if isinstance(exc, PoolExhausted | TooManyJobs):
         headers["Retry-After"] = str(exc.retry_after)
     elif status == 503:
         headers["Retry-After"] = "5"

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import functools
 import io
 import itertools
@@ -33,7 +34,7 @@ from app.dicomweb.attributes import Level
 from app.dimse import get as dimse_get
 from app.dimse import status as st
 from app.dimse.get import GetAssociationRejected, GetModel, GetUnsupported, c_get
-from app.dimse.move import MoveModel, MoveResult, c_move, raise_for_refusal
+from app.dimse.move import MoveModel, MoveProgress, MoveResult, c_move, raise_for_refusal
 from app.dimse.pool import AssociationPool
 from app.dimse.storeproc import Arrival, Expectation, StorageProcess, StorageProcessError
 from app.dimse.storescp import IncomingInstance
@@ -90,6 +91,18 @@ class Fetch:
     task: asyncio.Task[None] | None = None
     cancel: threading.Event = field(default_factory=threading.Event)
     subscribers: int = 0
+    # The latest sub-operation counts of a pending (or the final) response.
+    progress: MoveProgress = field(default_factory=MoveProgress)
+
+    def report(self, progress: MoveProgress) -> None:
+        """``on_progress`` hook of C-MOVE/C-GET: called on a DIMSE thread."""
+        snapshot = dataclasses.replace(progress)
+        with contextlib.suppress(RuntimeError):  # the loop closed under a draining move
+            self.loop.call_soon_threadsafe(self._progressed, snapshot)
+
+    def _progressed(self, progress: MoveProgress) -> None:
+        self.progress = progress
+        self._notify()
 
     def arrive(self, instance: CachedInstance) -> None:
         """Called on the loop thread for each stored instance."""
@@ -296,6 +309,7 @@ class Retriever:
                 MoveModel.STUDY_ROOT,
                 destination=self.ae_title,
                 msg_id=fetch.msg_id,
+                on_progress=fetch.report,
                 cancel=fetch.cancel,
             )
             await self._settle(fetch, result)
@@ -344,6 +358,7 @@ class Retriever:
                 ae_title=self.ae_title,
                 msg_id=fetch.msg_id,
                 sink=self,
+                on_progress=fetch.report,
                 cancel=fetch.cancel,
             )
         except (GetUnsupported, GetAssociationRejected) as exc:
