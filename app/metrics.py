@@ -26,15 +26,13 @@ Names (all prefixed ``dimse_gateway_``):
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from concurrent.futures import Future
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from app.dimse.observed_sink import OPERATION as RECEIVED
-from app.dimse.status import SUCCESS, category
-from app.dimse.storeproc import Arrival, Expectation
+from app.dimse.status import category
 from app.runtime import Gateway
 
 PREFIX = "dimse_gateway_"
@@ -106,36 +104,21 @@ class Metrics:
     def instrument(self, gateway: Gateway) -> None:
         """Hook the gateway's pools and storage process up to the DIMSE metrics (before start).
 
-        C-GET arrivals are observed in the pool's C-GET (status and time of each).
-        C-MOVE arrivals are received by the storage process, which reports only
-        the instances it accepted: those are counted as successful C-STOREs of
-        the node whose retrieve registered the Message ID, without a time (the
-        child does not report one); its refusals are in its log only.
+        C-GET arrivals are observed in the pool's C-GET (status and time of each);
+        C-MOVE arrivals by the storage process, which reports every C-STORE it
+        answered (refusals included) with the sender's AE title, the status and
+        the time from request to checked file.
         """
         for pool in gateway.pools.values():
             pool.observer = self.observe_dimse
         names: dict[str, str] = {}
         for node in reversed(gateway.settings.nodes):
             names[node.ae_title] = node.name
-        storage = gateway.storage
-        expect, forget, arrived = storage.expect, storage.forget, storage.on_arrival
-        senders: dict[int, str] = {}
 
-        def expecting(expectation: Expectation) -> Future[None]:
-            senders[expectation.msg_id] = names.get(expectation.calling_ae, expectation.calling_ae)
-            return expect(expectation)
+        def stored(calling_ae: str, status: int, seconds: float | None) -> None:
+            self.observe_dimse(names.get(calling_ae, calling_ae), RECEIVED, status, seconds)
 
-        def forgetting(msg_id: int) -> None:
-            forget(msg_id)
-            senders.pop(msg_id, None)
-
-        def arrival(item: Arrival) -> None:
-            self.observe_dimse(senders.get(item.msg_id, "unknown"), RECEIVED, SUCCESS, None)
-            arrived(item)
-
-        storage.expect = expecting  # type: ignore[method-assign]
-        storage.forget = forgetting  # type: ignore[method-assign]
-        storage.on_arrival = arrival
+        gateway.storage.observer = stored
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

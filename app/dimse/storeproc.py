@@ -104,6 +104,8 @@ class Arrival:
     study_uid: str
     series_uid: str
     temp: Path
+    calling_ae: str = ""
+    seconds: float | None = None  # from the C-STORE-RQ to the file checked
 
 
 # --------------------------------------------------------------------------- parent side
@@ -115,7 +117,9 @@ class StorageProcess:
     ``senders`` maps each PACS AE title allowed to store to us to the host names
     of its nodes.  ``on_arrival`` is called on a reader thread of this process
     for every instance the child accepted; it owns the temporary file from then
-    on (index it, or delete it).
+    on (index it, or delete it).  ``observer``, if set, is called on that thread
+    for every C-STORE the child answered, refusals included, with the calling
+    AE title, the status and the seconds it took.
     """
 
     def __init__(
@@ -148,6 +152,7 @@ class StorageProcess:
         self._seq = itertools.count(1)
         self._stopping = False
         self._restarts = 0
+        self.observer: Callable[[str, int, float | None], None] | None = None
 
     @property
     def port(self) -> int:
@@ -295,8 +300,16 @@ class StorageProcess:
     def _dispatch(self, message: tuple[Any, ...]) -> None:
         kind = message[0]
         if kind == "arrived":
-            _, msg_id, sop, sop_class, ts, study, series, temp = message
-            self.on_arrival(Arrival(msg_id, sop, sop_class, ts, study, series, Path(temp)))
+            _, msg_id, sop, sop_class, ts, study, series, temp, calling_ae, seconds = message
+            arrival = Arrival(
+                msg_id, sop, sop_class, ts, study, series, Path(temp), calling_ae, seconds
+            )
+            self.on_arrival(arrival)
+            if self.observer is not None:
+                self.observer(calling_ae, STATUS_SUCCESS, seconds)
+        elif kind == "refused":
+            if self.observer is not None:
+                self.observer(message[1], message[2], message[3])
         elif kind == "ack":
             with self._state_lock:
                 future = self._acks.pop(message[1], None)
@@ -399,7 +412,7 @@ class _ChildSink:
         self._send_lock = threading.Lock()
         self._lock = threading.Lock()
         self._expected: dict[int, Expectation] = {}
-        self._files: dict[int, tuple[Expectation, str]] = {}
+        self._files: dict[int, tuple[Expectation, str, float]] = {}
 
     def send(self, message: tuple[Any, ...]) -> None:
         with self._send_lock:
@@ -426,7 +439,13 @@ class _ChildSink:
             candidates = [e for e in self._expected.values() if e.calling_ae == incoming.calling_ae]
         return candidates[0] if len(candidates) == 1 else None
 
+    def _refuse(self, incoming: IncomingInstance, status: int, started: float | None) -> int:
+        seconds = None if started is None else time.monotonic() - started
+        self.send(("refused", incoming.calling_ae, status, seconds))
+        return status
+
     def open(self, incoming: IncomingInstance) -> BinaryIO | int:
+        started = time.monotonic()
         expectation = self._route(incoming)
         if expectation is None:
             log.warning(
@@ -437,19 +456,19 @@ class _ChildSink:
                 incoming.peer_address,
                 incoming.move_originator_message_id,
             )
-            return STATUS_NOT_AUTHORIZED
+            return self._refuse(incoming, STATUS_NOT_AUTHORIZED, started)
         if expectation.sop_uid and incoming.sop_instance_uid != expectation.sop_uid:
-            return STATUS_MISMATCH
+            return self._refuse(incoming, STATUS_MISMATCH, started)
         path = f"{self._temp}{uuid.uuid4().hex}.part"
         # Unbuffered: the receiver writes PDV slices of up to a PDU, no copy needed.
         file = open(path, "wb", buffering=0)  # noqa: SIM115 - closed in close()
         with self._lock:
-            self._files[id(file)] = (expectation, path)
+            self._files[id(file)] = (expectation, path, started)
         return file
 
     def close(self, incoming: IncomingInstance, file: BinaryIO, ok: bool) -> int:
         with self._lock:
-            expectation, path = self._files.pop(id(file))
+            expectation, path, started = self._files.pop(id(file))
         try:
             file.close()
         except OSError:
@@ -457,14 +476,14 @@ class _ChildSink:
         if not ok:
             with contextlib.suppress(OSError):
                 os.unlink(path)
-            return STATUS_OUT_OF_RESOURCES
+            return self._refuse(incoming, STATUS_OUT_OF_RESOURCES, started)
         try:
             study, series = _study_series(path, incoming.transfer_syntax_uid)
         except (OSError, ValueError) as exc:
             log.error("cannot read back %s: %s", incoming.sop_instance_uid, exc)
             with contextlib.suppress(OSError):
                 os.unlink(path)
-            return STATUS_OUT_OF_RESOURCES
+            return self._refuse(incoming, STATUS_OUT_OF_RESOURCES, started)
         if not expectation.covers(study, series, incoming.sop_instance_uid):
             log.warning(
                 "refused %s: it belongs to study %s series %s, not to what retrieve %d asked for",
@@ -475,7 +494,7 @@ class _ChildSink:
             )
             with contextlib.suppress(OSError):
                 os.unlink(path)
-            return STATUS_MISMATCH
+            return self._refuse(incoming, STATUS_MISMATCH, started)
         self.send(
             (
                 "arrived",
@@ -486,6 +505,8 @@ class _ChildSink:
                 study,
                 series,
                 path,
+                incoming.calling_ae,
+                time.monotonic() - started,
             )
         )
         return STATUS_SUCCESS

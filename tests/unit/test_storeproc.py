@@ -107,6 +107,9 @@ def test_expected_instances_are_written_and_reported(
     )
     assert _send(storage.port, series, msg_id=11) == [0, 0, 0]
     got = [arrivals.get(timeout=5) for _ in series]
+    assert {(a.calling_ae, a.seconds is not None and a.seconds > 0) for a in got} == {
+        (PACS_AE, True)
+    }
     assert [a.sop_uid for a in got] == [ds.SOPInstanceUID for ds in series]
     for arrival, ds in zip(got, series, strict=True):
         assert (arrival.msg_id, arrival.study_uid, arrival.series_uid) == (
@@ -133,9 +136,17 @@ def test_unexpected_and_foreign_instances_are_refused(
         study_uid=ds.StudyInstanceUID,
         series_uid=ds.SeriesInstanceUID,
     )
+    seen: queue.Queue[tuple[str, int, float | None]] = queue.Queue()
+    storage.observer = lambda ae, status, seconds: seen.put((ae, status, seconds))
     # Another move's Message ID, and this move's ID with another series.
     assert _send(storage.port, series, msg_id=6) == [STATUS_NOT_AUTHORIZED]
     assert _send(storage.port, other, msg_id=5) == [STATUS_MISMATCH]
+    reported = [seen.get(timeout=5) for _ in range(2)]
+    assert [(ae, status) for ae, status, _ in reported] == [
+        (PACS_AE, STATUS_NOT_AUTHORIZED),
+        (PACS_AE, STATUS_MISMATCH),
+    ]
+    assert all(seconds is not None and seconds >= 0 for _, _, seconds in reported)
     storage.forget(5)
     time.sleep(0.2)  # "forget" needs no answer; give the child time to read it
     assert _send(storage.port, series, msg_id=5) == [STATUS_NOT_AUTHORIZED]
