@@ -128,6 +128,8 @@ SSE_HEARTBEAT = b": heartbeat\n\n"
 async def create_job(
     body: JobRequest, request: Request, node: NodeDep, jobs: JobsDep
 ) -> JSONResponse:
+    """The retrieve runs in the background (shared with any WADO-RS request for the same
+    series); follow it at `GET /jobs/{id}` or its `/events` stream."""
     check_uid("study", body.study)
     if body.series is not None:
         check_uid("series", body.series)
@@ -151,11 +153,13 @@ async def create_job(
 
 @router.get("/jobs", summary="Every job the gateway holds, oldest first")
 async def list_jobs(request: Request, jobs: JobsDep) -> list[dict[str, Any]]:
+    """Queued, running and finished jobs (finished ones until `jobs_ttl` passes)."""
     return [job_json(request, job) for job in jobs.all()]
 
 
 @router.get("/jobs/{job_id}", summary="A job's state and progress")
 async def get_job(job_id: str, request: Request, jobs: JobsDep) -> dict[str, Any]:
+    """State, phase, C-MOVE/C-GET sub-operation counts and instances received."""
     return job_json(request, jobs.get(job_id))
 
 
@@ -171,6 +175,8 @@ async def job_events(
     jobs: JobsDep,
     last_event_id: Annotated[int | None, Header()] = None,
 ) -> StreamingResponse:
+    """Replays every change since the start (or since `Last-Event-ID`), then follows the
+    job live, with heartbeat comments, until it ends."""
     job = jobs.get(job_id)
     heartbeat = jobs.heartbeat
 
@@ -205,6 +211,8 @@ async def job_events(
     responses={204: {"description": "The finished job was forgotten"}},
 )
 async def delete_job(job_id: str, request: Request, jobs: JobsDep) -> Response:
+    """A running job's retrieve is let go (C-CANCEL when nobody else reads it); the
+    answer is the job once the PACS has ended it."""
     job = jobs.get(job_id)
     if job.state.finished:
         jobs.delete(job)
@@ -220,6 +228,7 @@ async def delete_job(job_id: str, request: Request, jobs: JobsDep) -> Response:
     responses={200: {"content": {"application/gzip": {}, "application/octet-stream": {}}}},
 )
 async def job_result(job_id: str, jobs: JobsDep) -> FileResponse:
+    """409 while the job runs; the `.nii.gz` or `.nii` once it is done."""
     path, name = jobs.result(jobs.get(job_id))
     media = "application/gzip" if name.endswith(".gz") else "application/octet-stream"
     return FileResponse(path, media_type=media, filename=name)

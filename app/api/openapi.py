@@ -75,6 +75,7 @@ PATH_PARAMETERS = {
     "instance": "SOP Instance UID (0008,0018).",
     "frames": "Comma-separated frame numbers, starting at 1 (e.g. `1` or `1,2,3`).",
     "patient_id": "One literal Patient ID (0010,0020), no wildcards.",
+    "job_id": "The job's id, from the `Location` header of `POST .../jobs`.",
     "tag_path": "Bulk data location as in the metadata's `BulkDataURI`: tags as 8 hex "
     "digits, sequence items as numbers (e.g. `7FE00010` or `00540016/0/00181072`).",
 }
