@@ -111,12 +111,28 @@ class Settings(BaseSettings):
     storage_max_pdu: int = Field(default=1024 * 1024, ge=16384)
     # NIfTI sidecars leave out patient identity unless asked (?phi=true) and allowed here.
     allow_phi_in_sidecars: bool = False
+    # The built OHIF viewer (npm @ohif/app: its dist/ folder, or the package holding
+    # it; scripts/install-viewer.sh installs one), served at /viewer/ when set.
+    viewer_dir: Path | None = None
     nodes: list[PacsNode] = Field(default_factory=list)
 
     @field_validator("ae_title")
     @classmethod
     def _ae(cls, v: str) -> str:
         return _check_ae_title(v)
+
+    @field_validator("viewer_dir")
+    @classmethod
+    def _viewer(cls, v: Path | None) -> Path | None:
+        if v is None:
+            return None
+        for candidate in (v, v / "dist"):
+            if (candidate / "index.html").is_file():
+                return candidate.resolve()
+        raise ValueError(
+            f"{v} holds no built viewer (no index.html there or in dist/): "
+            "run scripts/install-viewer.sh"
+        )
 
     @model_validator(mode="after")
     def _nodes_consistent(self) -> Settings:

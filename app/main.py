@@ -10,7 +10,7 @@ from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 
 from app import __version__
-from app.api import errors, health, nifti, retrieve, search
+from app.api import errors, health, nifti, retrieve, search, viewer
 from app.config import Settings, load_settings
 from app.runtime import Gateway
 
@@ -55,4 +55,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(retrieve.router, prefix="/pacs/{node}/dicomweb")
     app.include_router(nifti.router, prefix="/dicomweb")
     app.include_router(nifti.router, prefix="/pacs/{node}/dicomweb")
+    if settings.viewer_dir is not None:
+        app.include_router(viewer.build_router(settings, settings.viewer_dir))
     return app
