@@ -36,7 +36,11 @@ echo "== installing the gateway and its test tools"
 .venv/bin/python -m pip install -q -e '.[test]'
 
 echo "== the OHIF viewer (npm @ohif/app) for the browser test"
-bash scripts/install-viewer.sh
+if ! bash scripts/install-viewer.sh; then
+    # CI must run the browser test; elsewhere the test says why it skips.
+    [ -z "${CI:-}" ] || exit 1
+    echo "WARNING: no OHIF viewer: the browser test will be skipped" >&2
+fi
 
 echo "== lint and types"
 .venv/bin/ruff check .
