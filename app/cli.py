@@ -61,6 +61,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         overrides["http_host"] = args.host
     if args.port is not None:
         overrides["http_port"] = args.port
+    if args.viewer is not None:
+        overrides["viewer_dir"] = args.viewer
     settings = _settings(args, **overrides)
     _logging(settings.log_level, settings.log_format)
     _serve(settings)
@@ -109,6 +111,8 @@ def cmd_echo(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from app.demo import QrscpProcess, load_demo_data
 
+    if args.viewer is not None:
+        _settings(args, viewer_dir=args.viewer)  # a missing viewer fails before the PACS starts
     work = Path(args.work_dir).resolve()
     work.mkdir(parents=True, exist_ok=True)
     _logging("INFO")
@@ -129,6 +133,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
             http_port=args.http_port,
             storage_port=args.storage_port,
             work_dir=work / "gateway",
+            **({"viewer_dir": args.viewer} if args.viewer is not None else {}),
             nodes=[
                 PacsNode(
                     name="demo",
@@ -150,6 +155,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
             f"  curl -s '{base}/pacs/demo/echo'\n",
             flush=True,
         )
+        if settings.viewer_dir is not None:
+            print(f"OHIF viewer: {base}/viewer/\n", flush=True)
         _serve(settings)
     return 0
 
@@ -229,6 +236,21 @@ def _client_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--node", help="PACS node name (default: the gateway's default node)")
 
 
+def _viewer_option(parser: argparse.ArgumentParser) -> None:
+    from app.viewer import default_viewer_dir
+
+    default = default_viewer_dir()
+    parser.add_argument(
+        "--viewer",
+        nargs="?",
+        const=default,
+        type=Path,
+        metavar="DIR",
+        help=f"serve the OHIF viewer at /viewer/ from DIR (default {default}; "
+        "scripts/install-viewer.sh installs it there)",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="dimse-gateway", description="DICOMweb gateway in front of DIMSE-only PACS"
@@ -239,6 +261,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--config", help="TOML configuration file (or DIMSE_GATEWAY_CONFIG)")
     serve.add_argument("--host", help="override http_host")
     serve.add_argument("--port", type=int, help="override http_port")
+    _viewer_option(serve)
     serve.set_defaults(func=cmd_serve)
 
     demo = sub.add_parser("demo", help="run the gateway in front of an embedded demo PACS")
@@ -247,6 +270,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--http-port", type=int, default=8000)
     demo.add_argument("--pacs-port", type=int, default=11113)
     demo.add_argument("--storage-port", type=int, default=11112)
+    _viewer_option(demo)
     demo.set_defaults(func=cmd_demo)
 
     echo = sub.add_parser("echo", help="C-ECHO a configured node")

@@ -121,12 +121,28 @@ class Settings(BaseSettings):
     jobs_ttl: float = Field(default=3600.0, gt=0)
     # A comment line on a quiet /jobs/{id}/events stream, so proxies keep it open.
     jobs_heartbeat: float = Field(default=15.0, gt=0)
+    # The built OHIF viewer (npm @ohif/app: its dist/ folder, or the package holding
+    # it; scripts/install-viewer.sh installs one), served at /viewer/ when set.
+    viewer_dir: Path | None = None
     nodes: list[PacsNode] = Field(default_factory=list)
 
     @field_validator("ae_title")
     @classmethod
     def _ae(cls, v: str) -> str:
         return _check_ae_title(v)
+
+    @field_validator("viewer_dir")
+    @classmethod
+    def _viewer(cls, v: Path | None) -> Path | None:
+        if v is None:
+            return None
+        for candidate in (v, v / "dist"):
+            if (candidate / "index.html").is_file():
+                return candidate.resolve()
+        raise ValueError(
+            f"{v} holds no built viewer (no index.html there or in dist/): "
+            "run scripts/install-viewer.sh"
+        )
 
     @model_validator(mode="after")
     def _nodes_consistent(self) -> Settings:

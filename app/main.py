@@ -10,7 +10,18 @@ from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 
 from app import __version__
-from app.api import errors, health, jobs, metrics, nifti, openapi, rendered, retrieve, search
+from app.api import (
+    errors,
+    health,
+    jobs,
+    metrics,
+    nifti,
+    openapi,
+    rendered,
+    retrieve,
+    search,
+    viewer,
+)
 from app.api.middleware import HEADER as REQUEST_ID_HEADER
 from app.api.middleware import ObservabilityMiddleware
 from app.config import Settings, load_settings
@@ -88,4 +99,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(jobs.create_router, prefix="/dicomweb")
     app.include_router(jobs.create_router, prefix="/pacs/{node}/dicomweb")
     app.include_router(jobs.router)
+    if settings.viewer_dir is not None:
+        app.include_router(viewer.build_router(settings, settings.viewer_dir))
     return app

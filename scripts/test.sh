@@ -4,12 +4,16 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-# Real PACS peers and reference tools the integration tests start themselves.
-APT_PACKAGES=(orthanc orthanc-dicomweb dcmtk dcm2niix curl docker-compose)
+# Real PACS peers and reference tools the integration tests start themselves;
+# Chromium runs the OHIF viewer in the browser test.
+APT_PACKAGES=(orthanc orthanc-dicomweb dcmtk dcm2niix curl docker-compose chromium)
 missing=()
 for pkg in "${APT_PACKAGES[@]}"; do
     dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
 done
+# npm fetches the viewer; Debian's only where there is no npm at all (a Node.js
+# from elsewhere brings its own, and Debian's would fight it).
+command -v npm >/dev/null 2>&1 || missing+=(npm)
 if ((${#missing[@]})); then
     echo "== installing Debian packages: ${missing[*]}"
     export DEBIAN_FRONTEND=noninteractive
@@ -30,6 +34,13 @@ fi
 echo "== installing the gateway and its test tools"
 .venv/bin/python -m pip install -q --upgrade pip >/dev/null 2>&1 || true
 .venv/bin/python -m pip install -q -e '.[test]'
+
+echo "== the OHIF viewer (npm @ohif/app) for the browser test"
+if ! bash scripts/install-viewer.sh; then
+    # CI must run the browser test; elsewhere the test says why it skips.
+    [ -z "${CI:-}" ] || exit 1
+    echo "WARNING: no OHIF viewer: the browser test will be skipped" >&2
+fi
 
 echo "== lint and types"
 .venv/bin/ruff check .

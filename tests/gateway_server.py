@@ -81,9 +81,12 @@ def local_node(name: str, ae_title: str, port: int, **options: Any) -> PacsNode:
     return PacsNode(name=name, ae_title=ae_title, host="127.0.0.1", port=port, **options)
 
 
-def gateway_settings(work_dir: Path, *nodes: PacsNode, storage_port: int = 0) -> Settings:
+def gateway_settings(
+    work_dir: Path, *nodes: PacsNode, storage_port: int = 0, **options: Any
+) -> Settings:
     """Settings for a gateway under test: free HTTP port, storage SCP on loopback
-    (``storage_port`` must be the one the PACS has on file when the test moves)."""
+    (``storage_port`` must be the one the PACS has on file when the test moves);
+    ``options`` are further Settings fields."""
     return Settings(
         ae_title=GATEWAY_AE,
         http_port=0,
@@ -91,4 +94,5 @@ def gateway_settings(work_dir: Path, *nodes: PacsNode, storage_port: int = 0) ->
         storage_port=storage_port,
         work_dir=work_dir,
         nodes=list(nodes),
+        **options,
     )
