@@ -80,6 +80,7 @@ def cmd_nodes(args: argparse.Namespace) -> int:
         print(
             f"{node.name}{mark}: {node.ae_title}@{node.host}:{node.port} "
             f"query_model={node.query_model} retrieve={node.retrieve}"
+            + (" tls" if node.tls else "")
         )
     return 0
 

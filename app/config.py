@@ -78,6 +78,16 @@ class PacsNode(BaseModel):
     max_results: int = Field(
         default=10000, ge=1, description="C-FIND matches collected per search at most"
     )
+    # DICOM TLS on the associations to this node (PS3.15 B.9: TLS 1.2+).  The CA file
+    # signs the PACS's certificate (the system's CAs when unset); the certificate and
+    # key are the gateway's own, for a PACS that wants mutual TLS.
+    tls: bool = False
+    tls_ca_file: Path | None = None
+    tls_cert_file: Path | None = None
+    tls_key_file: Path | None = None
+    # DICOM peers are often reached by an address their certificate does not name;
+    # switching this off still verifies the chain.
+    tls_verify_hostname: bool = True
 
     @field_validator("name")
     @classmethod
@@ -90,6 +100,36 @@ class PacsNode(BaseModel):
     @classmethod
     def _ae(cls, v: str) -> str:
         return _check_ae_title(v)
+
+    @model_validator(mode="after")
+    def _tls_complete(self) -> PacsNode:
+        files = {
+            "tls_ca_file": self.tls_ca_file,
+            "tls_cert_file": self.tls_cert_file,
+            "tls_key_file": self.tls_key_file,
+        }
+        where = f"node {self.name!r}"
+        if not self.tls:
+            named = [k for k, v in files.items() if v is not None]
+            if named:
+                # Certificates without tls = true would silently leave the link in the clear.
+                raise ValueError(f"{where}: {', '.join(named)} given but tls is not true")
+            return self
+        if (self.tls_cert_file is None) != (self.tls_key_file is None):
+            raise ValueError(f"{where}: tls_cert_file and tls_key_file go together (mutual TLS)")
+        # Plain ssl, imported here to keep this module free of the DIMSE package.
+        from app.dimse.tls import TlsConfigError, client_context
+
+        try:
+            client_context(
+                ca_file=self.tls_ca_file,
+                cert_file=self.tls_cert_file,
+                key_file=self.tls_key_file,
+                verify_hostname=self.tls_verify_hostname,
+            )
+        except TlsConfigError as exc:
+            raise ValueError(f"{where}: {exc}") from None
+        return self
 
 
 class Settings(BaseSettings):
@@ -125,6 +165,15 @@ class Settings(BaseSettings):
     # it; scripts/install-viewer.sh installs one), served at /viewer/ when set.
     viewer_dir: Path | None = None
     nodes: list[PacsNode] = Field(default_factory=list)
+    # A second storage SCP port speaking DICOM TLS (2762 is DICOM's registered TLS
+    # port), for the C-MOVE sub-associations of PACS that send over TLS; the plain
+    # port stays for the others.  None: no TLS listener.
+    storage_tls_port: int | None = Field(default=None, ge=0, le=65535)
+    storage_tls_cert_file: Path | None = None
+    storage_tls_key_file: Path | None = None
+    # CAs that sign the PACS's client certificates; required when they must present one.
+    storage_tls_ca_file: Path | None = None
+    storage_tls_require_client_cert: bool = True
 
     @field_validator("ae_title")
     @classmethod
@@ -153,7 +202,34 @@ class Settings(BaseSettings):
         defaults = [n.name for n in self.nodes if n.default]
         if len(defaults) > 1:
             raise ValueError(f"only one node may be the default: {', '.join(defaults)}")
+        self._check_storage_tls()
         return self
+
+    def _check_storage_tls(self) -> None:
+        files = {
+            "storage_tls_cert_file": self.storage_tls_cert_file,
+            "storage_tls_key_file": self.storage_tls_key_file,
+            "storage_tls_ca_file": self.storage_tls_ca_file,
+        }
+        if self.storage_tls_port is None:
+            named = [k for k, v in files.items() if v is not None]
+            if named:
+                raise ValueError(f"{', '.join(named)} given but no storage_tls_port")
+            return
+        if self.storage_tls_cert_file is None or self.storage_tls_key_file is None:
+            raise ValueError(
+                "storage_tls_port needs storage_tls_cert_file and storage_tls_key_file"
+            )
+        if self.storage_tls_port != 0 and self.storage_tls_port == self.storage_port:
+            raise ValueError("storage_tls_port must differ from storage_port")
+        from app.dimse.tls import server_context
+
+        server_context(
+            cert_file=self.storage_tls_cert_file,
+            key_file=self.storage_tls_key_file,
+            ca_file=self.storage_tls_ca_file,
+            require_client_cert=self.storage_tls_require_client_cert,
+        )
 
     @property
     def default_node(self) -> PacsNode | None:

@@ -14,6 +14,7 @@
     ├── PacsError                 the PACS did not do what was asked
     │   ├── PacsUnavailable       cannot connect (503)
     │   ├── AssociationRejected   A-ASSOCIATE-RJ (502)
+    │   ├── TlsHandshakeFailed    DICOM TLS refused: certificate, CA, protocol (502)
     │   ├── AssociationAborted    A-ABORT or connection lost mid-operation (502)
     │   ├── DimseTimeout          no answer within the configured time (504)
     │   ├── PacsFailureStatus     a DIMSE failure status; keeps code and comment (502)
@@ -102,6 +103,12 @@ class PacsUnavailable(PacsError):
 
 class AssociationRejected(PacsError):
     """The PACS rejected the association (A-ASSOCIATE-RJ), e.g. unknown AE title."""
+
+
+class TlsHandshakeFailed(PacsError):
+    """The TLS connection to the PACS could not be set up (certificate not trusted,
+    client certificate refused, no TLS on that port): a configuration problem, so
+    502 rather than a 503 that invites retrying."""
 
 
 class AssociationAborted(PacsError):

@@ -18,7 +18,7 @@ from app.config import PacsNode, Settings
 from app.dimse.find import VERIFICATION, QueryModel
 from app.dimse.move import MoveModel
 from app.dimse.pool import AssociationPool
-from app.dimse.storeproc import StorageProcess
+from app.dimse.storeproc import StorageProcess, StorageTls
 from app.errors import UnknownNode
 from app.services.retrieve import Retriever
 
@@ -42,6 +42,31 @@ def _quiet_pynetdicom() -> None:
     _config.LOG_HANDLER_LEVEL = "none"
     _config.LOG_REQUEST_IDENTIFIERS = False
     _config.LOG_RESPONSE_IDENTIFIERS = False
+
+
+def storage_tls(settings: Settings) -> StorageTls | None:
+    """The storage SCP's TLS listener, if configured.  A node with ``tls = true`` must
+    then store to it; without one, its C-MOVE sub-associations come in plain TCP."""
+    tls_nodes = [n for n in settings.nodes if n.tls]
+    if settings.storage_tls_port is None:
+        movers = [n.name for n in tls_nodes if n.retrieve != "get"]
+        if movers:
+            log.warning(
+                "nodes %s use DICOM TLS but the storage SCP has no storage_tls_port: "
+                "their C-MOVE sub-associations arrive in plain TCP",
+                ", ".join(movers),
+            )
+        return None
+    assert settings.storage_tls_cert_file and settings.storage_tls_key_file  # validated
+    plain_aes = {n.ae_title for n in settings.nodes if not n.tls}
+    return StorageTls(
+        port=settings.storage_tls_port,
+        cert_file=str(settings.storage_tls_cert_file),
+        key_file=str(settings.storage_tls_key_file),
+        ca_file=str(settings.storage_tls_ca_file) if settings.storage_tls_ca_file else None,
+        require_client_cert=settings.storage_tls_require_client_cert,
+        tls_only_senders=frozenset(n.ae_title for n in tls_nodes) - plain_aes,
+    )
 
 
 class Gateway:
@@ -81,6 +106,7 @@ class Gateway:
             temp_dir=self.cache.temp_dir,
             on_arrival=self.retriever.on_arrival,
             log_level=settings.log_level,
+            tls=storage_tls(settings),
         )
         self.retriever.storage = self.storage
 

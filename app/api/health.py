@@ -32,6 +32,7 @@ async def nodes(gateway: GatewayDep) -> list[dict[str, Any]]:
             "default": default is not None and node.name == default.name,
             "query_model": node.query_model,
             "retrieve": node.retrieve,
+            "tls": node.tls,
             "pool": gateway.pool(node).state().as_dict(),
         }
         for node in gateway.settings.nodes

@@ -75,7 +75,14 @@ from app.dimse.find import QueryModel, c_find
 from app.dimse.move import MoveProgress, MoveResult, read_counts, result_status
 from app.dimse.observed_sink import OPERATION as RECEIVED
 from app.dimse.observed_sink import ObservedSink
-from app.dimse.pool import BUSY_POLL, AssociationPool, Lease, set_poll_delay, set_tcp_nodelay
+from app.dimse.pool import (
+    BUSY_POLL,
+    AssociationPool,
+    Lease,
+    set_poll_delay,
+    set_tcp_nodelay,
+    tls_failure_since,
+)
 from app.dimse.storescp import (
     STATUS_CANNOT_UNDERSTAND,
     STATUS_OUT_OF_RESOURCES,
@@ -492,10 +499,14 @@ def _get_blocking(
                 (evt.EVT_CONN_OPEN, _poll_fast),
                 (evt.EVT_C_STORE, receiver),
             ],
+            tls_args=pool.tls_args,
         )
     except OSError as exc:
         raise PacsUnavailable(node.name, f"cannot reach {node.host}:{node.port}: {exc}") from exc
     if not assoc.is_established:
+        tls_failure = tls_failure_since(pool.tls, node, started)
+        if tls_failure is not None:
+            raise tls_failure
         _raise_not_established(node.name, ae_title, node.ae_title, node.host, node.port, assoc)
     setup = time.monotonic() - started
     ok = False

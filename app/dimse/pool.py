@@ -34,7 +34,14 @@ from pynetdicom.association import Association
 
 from app.config import PacsNode
 from app.dimse.status import CANCEL
-from app.errors import AssociationRejected, PacsFailureStatus, PacsUnavailable, PoolExhausted
+from app.dimse.tls import ClientContext, client_context
+from app.errors import (
+    AssociationRejected,
+    PacsFailureStatus,
+    PacsUnavailable,
+    PoolExhausted,
+    TlsHandshakeFailed,
+)
 
 log = logging.getLogger(__name__)
 
@@ -156,6 +163,7 @@ class AssociationPool:
         self._ae.network_timeout = node.network_timeout
         self._ae.connection_timeout = node.connect_timeout
         self._ae.maximum_pdu_size = node.max_pdu
+        self.tls = node_tls(node)
         self._slots = asyncio.Semaphore(node.max_associations)
         self._idle: deque[Lease] = deque()
         self._in_use: set[Lease] = set()
@@ -190,6 +198,11 @@ class AssociationPool:
             *(loop.run_in_executor(self._executor, _release, lease.assoc) for lease in idle),
             return_exceptions=True,
         )
+
+    @property
+    def tls_args(self) -> tuple[ClientContext, str] | None:
+        """pynetdicom's ``tls_args`` for an association to this node, or None."""
+        return (self.tls, self.node.host) if self.tls is not None else None
 
     def state(self) -> PoolState:
         return PoolState(
@@ -334,6 +347,7 @@ class AssociationPool:
                 node.port,
                 ae_title=node.ae_title,
                 evt_handlers=[(evt.EVT_CONN_OPEN, set_tcp_nodelay)],
+                tls_args=self.tls_args,
             ),
         )
         try:
@@ -355,6 +369,10 @@ class AssociationPool:
             log.debug("association to %s opened in %.1f ms", node.name, (now - started) * 1000)
             return Lease(assoc=assoc, created=now, last_used=now)
         self._failed_opens += 1
+        tls_failure = tls_failure_since(self.tls, node, started)
+        if tls_failure is not None:
+            self._last_error = tls_failure.message
+            raise tls_failure
         if assoc.is_rejected:
             primitive = assoc.acceptor.primitive
             source = int(getattr(primitive, "result_source", 0) or 0)
@@ -403,6 +421,34 @@ class AssociationPool:
                 else:
                     self._discard(lease, abort=False)
             self._idle = keep
+
+
+def node_tls(node: PacsNode) -> ClientContext | None:
+    """The node's SSL context (built once: it holds the loaded certificates)."""
+    if not node.tls:
+        return None
+    return client_context(
+        ca_file=node.tls_ca_file,
+        cert_file=node.tls_cert_file,
+        key_file=node.tls_key_file,
+        verify_hostname=node.tls_verify_hostname,
+    )
+
+
+def tls_failure_since(
+    tls: ClientContext | None, node: PacsNode, started: float
+) -> TlsHandshakeFailed | None:
+    """The error to raise for an association that failed in its TLS set-up, if it did.
+
+    pynetdicom catches and logs TLS errors and reports only a failed
+    association; the context recorded what went wrong.
+    """
+    if tls is None:
+        return None
+    failure = tls.failure_since(started)
+    if failure is None:
+        return None
+    return TlsHandshakeFailed(node.name, f"DICOM TLS to {node.host}:{node.port}: {failure}")
 
 
 # pynetdicom's DUL thread sleeps this long between socket polls when it saw no

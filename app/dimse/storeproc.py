@@ -58,6 +58,7 @@ from app.dimse.storescp import (
     IncomingInstance,
     StorageSCP,
 )
+from app.dimse.tls import server_context
 from app.dimse.uidscan import part10_study_series
 
 log = logging.getLogger(__name__)
@@ -91,6 +92,32 @@ class Expectation:
             and (self.series_uid is None or series == self.series_uid)
             and (self.sop_uid is None or sop == self.sop_uid)
         )
+
+
+@dataclass(frozen=True, slots=True)
+class StorageTls:
+    """A second listener speaking DICOM TLS, beside the plain one.
+
+    AE titles in ``tls_only_senders`` (PACS configured for TLS) are refused on the
+    plain port, so that their instances cannot travel in the clear by mistake.
+    """
+
+    port: int
+    cert_file: str
+    key_file: str
+    ca_file: str | None
+    require_client_cert: bool
+    tls_only_senders: frozenset[str] = frozenset()
+
+    def as_config(self) -> dict[str, Any]:
+        return {
+            "port": self.port,
+            "cert_file": self.cert_file,
+            "key_file": self.key_file,
+            "ca_file": self.ca_file,
+            "require_client_cert": self.require_client_cert,
+            "tls_only_senders": sorted(self.tls_only_senders),
+        }
 
 
 @dataclass(frozen=True, slots=True)
@@ -133,6 +160,7 @@ class StorageProcess:
         temp_dir: Path,
         on_arrival: Callable[[Arrival], None],
         log_level: str = "INFO",
+        tls: StorageTls | None = None,
     ) -> None:
         self.ae_title = ae_title
         self.host = host
@@ -141,7 +169,9 @@ class StorageProcess:
         self.temp_dir = Path(temp_dir)
         self.on_arrival = on_arrival
         self.log_level = log_level
+        self.tls = tls
         self._port = port
+        self._tls_port = tls.port if tls is not None else None
         self._proc: subprocess.Popen[bytes] | None = None
         self._conn: Connection | None = None
         self._reader: threading.Thread | None = None
@@ -157,6 +187,11 @@ class StorageProcess:
     @property
     def port(self) -> int:
         return self._port
+
+    @property
+    def tls_port(self) -> int | None:
+        """The TLS listener's port (None without one)."""
+        return self._tls_port
 
     @property
     def pid(self) -> int | None:
@@ -244,6 +279,7 @@ class StorageProcess:
             "senders": self.senders,
             "temp_dir": str(self.temp_dir),
             "log_level": self.log_level,
+            "tls": None if self.tls is None else {**self.tls.as_config(), "port": self._tls_port},
         }
         try:
             proc = subprocess.Popen(
@@ -272,6 +308,7 @@ class StorageProcess:
             proc.wait(5)
             raise StorageProcessError(f"the storage SCP could not start: {message[1]}")
         self._port = int(message[1])
+        self._tls_port = message[2]
         self._proc, self._conn = proc, conn
 
     def _send(self, message: tuple[Any, ...]) -> None:
@@ -537,20 +574,31 @@ def _child_main(fd: int) -> int:
     )
     sink = _ChildSink(conn, Path(config["temp_dir"]))
     policy = _SenderPolicy(config["senders"])
+    tls = config.get("tls")
     scp = StorageSCP(
         config["ae_title"],
         host=config["host"],
         port=config["port"],
         sink=sink,
-        allow=policy.allow,
+        allow=policy.allow if tls is None else _plain_allow(policy, tls),
         max_pdu=config["max_pdu"],
     )
-    try:
-        scp.start()
-    except OSError as exc:
-        conn.send(("failed", f"cannot listen on {config['host']}:{config['port']}: {exc}"))
-        return 1
-    sink.send(("ready", scp.port))
+    scps = [scp]
+    if tls is not None:
+        try:
+            scps.append(_tls_scp(config, tls, sink, policy))
+        except ValueError as exc:  # the files changed since the configuration was read
+            conn.send(("failed", f"storage TLS: {exc}"))
+            return 1
+    for each in scps:
+        try:
+            each.start()
+        except OSError as exc:
+            for other in scps:
+                other.stop()
+            conn.send(("failed", f"cannot listen on {config['host']}:{each.port}: {exc}"))
+            return 1
+    sink.send(("ready", scp.port, scps[1].port if tls is not None else None))
     try:
         while True:
             try:
@@ -571,8 +619,47 @@ def _child_main(fd: int) -> int:
     except KeyboardInterrupt:
         pass
     finally:
-        scp.stop()
+        for each in scps:
+            each.stop()
     return 0
+
+
+def _plain_allow(policy: _SenderPolicy, tls: Mapping[str, Any]) -> Callable[[str, str], bool]:
+    tls_only = frozenset(tls["tls_only_senders"])
+
+    def allow(calling_ae: str, address: str) -> bool:
+        if calling_ae in tls_only:
+            log.warning(
+                "refused a plain TCP association from %s (%s): its node uses DICOM TLS, "
+                "so it must store to the TLS port %s",
+                calling_ae,
+                address,
+                tls["port"],
+            )
+            return False
+        return policy.allow(calling_ae, address)
+
+    return allow
+
+
+def _tls_scp(
+    config: Mapping[str, Any], tls: Mapping[str, Any], sink: _ChildSink, policy: _SenderPolicy
+) -> StorageSCP:
+    context = server_context(
+        cert_file=Path(tls["cert_file"]),
+        key_file=Path(tls["key_file"]),
+        ca_file=Path(tls["ca_file"]) if tls["ca_file"] else None,
+        require_client_cert=tls["require_client_cert"],
+    )
+    return StorageSCP(
+        config["ae_title"],
+        host=config["host"],
+        port=tls["port"],
+        sink=sink,
+        allow=policy.allow,
+        max_pdu=config["max_pdu"],
+        ssl_context=context,
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:

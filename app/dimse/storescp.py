@@ -58,6 +58,7 @@ import logging
 import os
 import re
 import socket
+import ssl
 import struct
 import threading
 import time
@@ -67,6 +68,8 @@ from pathlib import Path
 from typing import BinaryIO, Final, Protocol
 
 from pydicom.uid import UID
+
+from app.dimse.tls import peer_certificate_subject, tls_error_text
 
 __all__ = [
     "IMPLEMENTATION_CLASS_UID",
@@ -627,6 +630,8 @@ class _Association:
     def run(self) -> None:
         started = time.monotonic()
         try:
+            if self.scp.ssl_context is not None and not self._start_tls(self.scp.ssl_context):
+                return
             if self._negotiate():
                 self._transfer()
         except _ProtocolError as exc:
@@ -676,10 +681,42 @@ class _Association:
                     elapsed,
                 )
 
+    def _start_tls(self, context: ssl.SSLContext) -> bool:
+        """The server side of the TLS handshake, within the ACSE time-out (PS3.15 B.1);
+        False (logged, connection closed by ``run``) when it fails."""
+        self.sock.settimeout(self.scp.acse_timeout)
+        try:
+            tls = context.wrap_socket(self.sock, server_side=True, do_handshake_on_connect=False)
+            # Swapped before the handshake, so that abort_from_outside can wake it.
+            self.sock = tls
+            tls.do_handshake()
+        except (OSError, ValueError) as exc:
+            if not self._stopping:
+                log.warning(
+                    "storage SCP: TLS handshake with %s failed: %s",
+                    self.peer_address,
+                    tls_error_text(exc),
+                )
+            return False
+        log.info(
+            "storage SCP: %s from %s, client certificate %s",
+            tls.version(),
+            self.peer_address,
+            peer_certificate_subject(tls) or "none",
+        )
+        return True
+
     def abort_from_outside(self) -> None:
         """Called by ``StorageSCP.stop`` from another thread: A-ABORT, then shut the
         socket down, which wakes the association thread."""
         self._stopping = True
+        if isinstance(self.sock, ssl.SSLSocket):
+            # An OpenSSL connection must not be written by two threads: no A-ABORT,
+            # just the TCP shutdown (SSLSocket.shutdown would drop its state under
+            # the reading thread).
+            with contextlib.suppress(OSError):
+                socket.socket.shutdown(self.sock, socket.SHUT_RDWR)
+            return
         # Do not wait behind a send stuck on a peer that does not read.
         if self.established and self._send_lock.acquire(timeout=1.0):
             try:
@@ -1183,7 +1220,9 @@ class StorageSCP:
     stored as the PACS holds them.  ``acse_timeout`` bounds association set-up,
     ``network_timeout`` the silence on an established association; either ends
     in an A-ABORT.  More than ``max_associations`` concurrent associations are
-    rejected (transient, "local limit exceeded").
+    rejected (transient, "local limit exceeded").  With ``ssl_context`` every
+    connection starts with a TLS handshake (DICOM TLS, PS3.15 B.1), bounded by
+    ``acse_timeout``; the context decides whether a client certificate is required.
     """
 
     def __init__(
@@ -1199,6 +1238,7 @@ class StorageSCP:
         network_timeout: float = 60,
         transfer_syntaxes: Sequence[str] | None = None,
         max_associations: int = 32,
+        ssl_context: ssl.SSLContext | None = None,
     ) -> None:
         if not 0 < len(ae_title.strip()) <= 16:
             raise ValueError(f"ae_title must be 1 to 16 characters, not {ae_title!r}")
@@ -1217,6 +1257,7 @@ class StorageSCP:
         self.network_timeout = float(network_timeout)
         self.transfer_syntaxes = list(transfer_syntaxes) if transfer_syntaxes is not None else None
         self.max_associations = max_associations
+        self.ssl_context = ssl_context
         self._port = port
         self._listener: socket.socket | None = None
         self._accept_thread: threading.Thread | None = None
@@ -1260,7 +1301,13 @@ class StorageSCP:
             target=self._accept_loop, name=f"storescp-accept-{self._port}", daemon=True
         )
         self._accept_thread.start()
-        log.info("storage SCP %s listening on %s:%d", self.ae_title, self.host, self._port)
+        log.info(
+            "storage SCP %s listening on %s:%d%s",
+            self.ae_title,
+            self.host,
+            self._port,
+            " (TLS)" if self.ssl_context is not None else "",
+        )
 
     def stop(self, timeout: float = 10.0) -> None:
         """Stop accepting, abort the active associations and join their threads."""
