@@ -11,12 +11,12 @@ from pathlib import Path
 import pytest
 
 from app.demo import QrscpProcess
+from tests.gateway_server import probed_profile
 from tests.integration.conftest import GATEWAY_AE
 from tests.peers.common import PeerProcess
 
 pytestmark = pytest.mark.integration
 
-PROFILES = Path(__file__).resolve().parents[1] / "data" / "profiles"
 PEERS = {
     "orthanc": "orthanc_peer",
     "dcmqrscp": "dcmqrscp_peer",
@@ -26,7 +26,7 @@ PEERS = {
 
 
 def expected_profile(pacs: str) -> dict[str, object]:
-    return tomllib.loads((PROFILES / f"{pacs}.toml").read_text())["profile"]
+    return probed_profile(pacs).model_dump()
 
 
 def _address(peer: PeerProcess | QrscpProcess) -> tuple[str, int]:
