@@ -40,6 +40,7 @@ from tests.peers.common import (
     LOOPBACK,
     InstanceInfo,
     PeerProcess,
+    PeerStartError,
     StoreReport,
     _parse_storescu,
     _set_nodelay,
@@ -47,6 +48,7 @@ from tests.peers.common import (
     dcmtk_env,
     dcmtk_tool,
     free_port,
+    log_tail,
     make_query,
     port_is_open,
     wait_until,
@@ -179,8 +181,11 @@ class CtnPeer(PeerProcess):
                 stdin=subprocess.DEVNULL,
                 start_new_session=True,
             )
-        if not wait_until(lambda: self._db_ready(), timeout=30.0, interval=0.1):
-            raise RuntimeError(f"MariaDB did not start; see {self.db_log_path}")
+        if not wait_until(self._db_ready, timeout=60.0, interval=0.1):
+            raise PeerStartError(
+                f"MariaDB for CTN not ready after 60 s\n--- {self.db_log_path} ---\n"
+                + log_tail(self.db_log_path, 40)
+            )
         self._sql(
             "CREATE USER 'ctn'@'localhost' IDENTIFIED BY 'ctn';"
             "CREATE USER 'ctn'@'%' IDENTIFIED BY 'ctn';"
@@ -196,7 +201,10 @@ class CtnPeer(PeerProcess):
 
     def _db_ready(self) -> bool:
         if self.db_process is not None and self.db_process.poll() is not None:
-            raise RuntimeError(f"MariaDB exited with status {self.db_process.returncode}")
+            raise PeerStartError(
+                f"MariaDB for CTN exited with status {self.db_process.returncode}\n"
+                f"--- {self.db_log_path} ---\n" + log_tail(self.db_log_path, 40)
+            )
         if not self._socket.exists():
             return False
         try:
@@ -272,9 +280,9 @@ class CtnPeer(PeerProcess):
     def start(self) -> CtnPeer:
         if self.is_running():
             return self
-        if self.db_process is None:
-            self._start_db()
         try:
+            if self.db_process is None:
+                self._start_db()
             super().start()
         except BaseException:
             self._stop_db()

@@ -18,12 +18,15 @@ from app.config import (
     PacsNode,
     load_settings,
 )
+from app.dicomweb.attributes import Level
+from app.dicomweb.query import QidoQuery
 from app.dimse.contexts import query_contexts
 from app.dimse.find import QueryModel
 from app.dimse.move import MoveProgress, MoveResult
 from app.dimse.probe import ProbeReport, profile_toml
+from app.errors import InvalidRequest
 from app.services.retrieve import Fetch, Target, incomplete_message
-from app.services.search import case_blind_pattern
+from app.services.search import Searcher, case_blind_pattern
 
 
 def test_default_profile_proposes_explicit_then_implicit() -> None:
@@ -124,3 +127,12 @@ def test_probe_output_pastes_into_the_configuration(tmp_path: Path) -> None:
     [loaded] = load_settings(config).nodes
     assert loaded.profile == report.profile
     assert (loaded.name, loaded.ae_title, loaded.port) == ("ctn", "CTNAE", 24300)
+
+
+def test_patients_on_a_node_without_patient_root_is_a_clear_400() -> None:
+    node = PacsNode(
+        name="legacy", ae_title="X", host="h", port=104, profile=DimseProfile(patient_root=False)
+    )
+    searcher = Searcher(node, None, QidoQuery(level=Level.PATIENT))  # type: ignore[arg-type]
+    with pytest.raises(InvalidRequest, match="does not answer Patient Root"):
+        asyncio.run(searcher.run())
