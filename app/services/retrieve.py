@@ -273,13 +273,6 @@ class Retriever:
             ident.SOPInstanceUID = target.instance
         result: MoveResult | None = None
         error: GatewayError | None = None
-        listing = (
-            asyncio.ensure_future(
-                expected_instances(self.pools[node.name], target.study, target.series)
-            )
-            if node.expected_instances == "find" and target.level is not Level.IMAGE
-            else None
-        )
         try:
             if self._method_for(node) == "move":
                 result = await self._move(node, fetch, ident)
@@ -290,8 +283,11 @@ class Retriever:
                     dimse_get.raise_for_refusal(node.name, result)
                 else:
                     raise_for_refusal(node.name, result)
-            if listing is not None:
-                fetch.expected = await listing
+            if node.expected_instances == "find" and target.level is not Level.IMAGE:
+                # After the move, on the association it just gave back: no second
+                # association per retrieve, and the first instance is not delayed.
+                pool = self.pools[node.name]
+                fetch.expected = await expected_instances(pool, target.study, target.series)
                 _log_not_arrived(node, fetch, result)
             # sqlite, behind the lock the storage threads take: off the loop.
             await asyncio.to_thread(self._remember_complete, fetch, result)
@@ -301,8 +297,6 @@ class Retriever:
             error = PacsError(node.name, "the retrieve was cancelled")
             raise
         finally:
-            if listing is not None and not listing.done():
-                listing.cancel()
             with self._lock:
                 self._by_msg.pop(fetch.msg_id, None)
             if self._fetches.get(target) is fetch:

@@ -111,7 +111,7 @@ class Searcher:
             return SearchResult(warnings=self.warnings)
         want = None if q.limit is None else q.offset + q.limit + 1
         below = [lvl for lvl in Level if lvl.depth > q.level.depth and self._by_level[lvl]]
-        if below or any(k.tag in _DERIVABLE_STUDY for k in self._by_level[Level.STUDY]):
+        if below or any(k.tag in _DERIVABLE for k in q.matches):
             # Those keys are judged after the target level's C-FIND (derived
             # attributes, sub-searches): stopping it early could lose matches.
             want = None

@@ -213,6 +213,25 @@ class TestSearch:
             for se in {str(d.SeriesInstanceUID) for d in held}
         }
 
+    def test_series_count_as_a_key_with_a_limit(
+        self, gateway: GatewayServer, truth: dict[str, list[Dataset]], pacs: str
+    ) -> None:
+        """A derived key is matched after the counts are known: no early stop
+        on unfiltered answers."""
+        resp = search(
+            gateway,
+            pacs,
+            "/series",
+            PatientID="DGW0001",
+            NumberOfSeriesRelatedInstances="24",
+            limit="1",
+        )
+        assert uids(resp, SERIES) == {
+            str(d.SeriesInstanceUID)
+            for d in truth[pacs]
+            if d.PatientID == "DGW0001" and d.Modality == "MR"
+        }
+
     def test_instances_of_a_series(
         self, gateway: GatewayServer, truth: dict[str, list[Dataset]], pacs: str
     ) -> None:
