@@ -37,6 +37,7 @@ _SERIES_INSTANCE_COUNT = 0x00201209
 _MODALITY = 0x00080060
 _DERIVABLE_STUDY = frozenset({_MODALITIES_IN_STUDY, _STUDY_SERIES_COUNT, _STUDY_INSTANCE_COUNT})
 _DERIVABLE = _DERIVABLE_STUDY | {_SERIES_INSTANCE_COUNT}
+_COUNTS = _DERIVABLE - {_MODALITIES_IN_STUDY}
 
 
 @dataclass
@@ -207,8 +208,14 @@ class Searcher:
         return results
 
     def _pacs_matches(self, key: MatchKey) -> bool:
-        """Whether the key goes to the PACS at all: counts it does not keep are
-        derived and matched by the gateway (an unknown key may be refused, A900)."""
+        """Whether the key goes to the PACS as a match key.
+
+        Counts are only ever returned and matched here: Orthanc returns them but
+        matches a count key against stored attributes and finds nothing.
+        ModalitiesInStudy goes only to a PACS that keeps it.
+        """
+        if key.tag in _COUNTS:
+            return False
         return self.profile.study_counts or key.tag not in _DERIVABLE
 
     def _sent(self, key: MatchKey) -> MatchKey:
