@@ -94,6 +94,8 @@ class Fetch:
     subscribers: int = 0
     # The latest sub-operation counts of a pending (or the final) response.
     progress: MoveProgress = field(default_factory=MoveProgress)
+    # SOP Instance UIDs the PACS listed for the target (C-FIND IMAGE), if asked.
+    expected: frozenset[str] | None = None
 
     def report(self, progress: MoveProgress) -> None:
         """``on_progress`` hook of C-MOVE/C-GET: called on a DIMSE thread."""
@@ -104,8 +106,6 @@ class Fetch:
     def _progressed(self, progress: MoveProgress) -> None:
         self.progress = progress
         self._notify()
-    # SOP Instance UIDs the PACS listed for the target (C-FIND IMAGE), if asked.
-    expected: frozenset[str] | None = None
 
     def arrive(self, instance: CachedInstance) -> None:
         """Called on the loop thread for each stored instance."""
@@ -283,7 +283,11 @@ class Retriever:
                     dimse_get.raise_for_refusal(node.name, result)
                 else:
                     raise_for_refusal(node.name, result)
-            if node.expected_instances == "find" and target.level is not Level.IMAGE:
+            if (
+                node.expected_instances == "find"
+                and target.level is not Level.IMAGE
+                and not fetch.cancel.is_set()
+            ):
                 # After the move, on the association it just gave back: no second
                 # association per retrieve, and the first instance is not delayed.
                 pool = self.pools[node.name]
