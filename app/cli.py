@@ -1,4 +1,5 @@
-"""``dimse-gateway`` command line: serve, demo, echo, nodes; find and get from a running gateway."""
+"""``dimse-gateway`` command line: serve, demo, echo, probe, nodes; find and get from a running
+gateway."""
 
 from __future__ import annotations
 
@@ -106,6 +107,25 @@ def cmd_echo(args: argparse.Namespace) -> int:
         print(f"C-ECHO {args.node}: FAILED: {exc.message}", file=sys.stderr)
         return 1
     print(f"C-ECHO {args.node}: ok, {rtt * 1000:.1f} ms")
+    return 0
+
+
+def cmd_probe(args: argparse.Namespace) -> int:
+    from app.dimse.probe import ProbeFailed, probe_node, profile_toml
+
+    settings = _settings(args)
+    _logging("WARNING")
+    node = settings.node(args.node)
+    if node is None:
+        known = ", ".join(n.name for n in settings.nodes) or "none"
+        print(f"probe: no node {args.node!r} (configured: {known})", file=sys.stderr)
+        return 1
+    try:
+        report = probe_node(node, settings.ae_title)
+    except ProbeFailed as exc:
+        print(f"probe {node.name}: FAILED: {exc}", file=sys.stderr)
+        return 1
+    print(profile_toml(node, report), end="")
     return 0
 
 
@@ -287,6 +307,13 @@ def build_parser() -> argparse.ArgumentParser:
     load.add_argument("--called-ae", required=True, help="the PACS's AE title")
     load.add_argument("--calling-ae", default="DEMOLOAD", help="our AE title (default DEMOLOAD)")
     load.set_defaults(func=cmd_load_samples)
+
+    probe = sub.add_parser(
+        "probe", help="find out what a configured node supports; prints its profile as TOML"
+    )
+    probe.add_argument("node")
+    probe.add_argument("--config")
+    probe.set_defaults(func=cmd_probe)
 
     nodes = sub.add_parser("nodes", help="list configured nodes")
     nodes.add_argument("--config")

@@ -31,6 +31,14 @@ CONFIG_ENV = ENV_PREFIX + "CONFIG"
 _NODE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 
+_UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
+
+# Explicit VR first: it carries VRs for private and unknown attributes.  Implicit
+# VR is the one syntax every PACS must accept (PS3.5 10.1).
+EXPLICIT_VR_LITTLE_ENDIAN = "1.2.840.10008.1.2.1"
+IMPLICIT_VR_LITTLE_ENDIAN = "1.2.840.10008.1.2"
+
+
 def _check_ae_title(value: str) -> str:
     """AE titles are 1-16 characters of the default repertoire, no backslash (PS3.5 6.2)."""
     stripped = value.strip()
@@ -39,6 +47,48 @@ def _check_ae_title(value: str) -> str:
     if any(ord(c) < 0x20 or ord(c) > 0x7E or c == "\\" for c in stripped):
         raise ValueError("an AE title holds printable ASCII without backslash")
     return stripped
+
+
+class DimseProfile(BaseModel):
+    """What one PACS really supports on the DIMSE side.
+
+    The defaults work with Orthanc, dcmqrscp and pynetdicom's qrscp; ``dimse-gateway
+    probe NODE`` finds the values for another PACS and prints them as a
+    ``[nodes.profile]`` table.
+    """
+
+    model_config = {"extra": "forbid"}
+
+    # Proposed on the C-FIND/C-MOVE/C-GET contexts, in order of preference.  Some
+    # legacy PACS (CTN) accept Explicit VR and then misparse the identifier:
+    # they need ["1.2.840.10008.1.2"] alone.
+    transfer_syntaxes: list[str] = Field(
+        default_factory=lambda: [EXPLICIT_VR_LITTLE_ENDIAN, IMPLICIT_VR_LITTLE_ENDIAN],
+        min_length=1,
+    )
+    # Accepts relational queries (PS3.4 C.4.1.2.2, extended negotiation byte 1).
+    # Informative: the planner always walks the hierarchy, which every PACS answers.
+    relational_queries: bool = False
+    # Accepts the Patient Root Q/R model; without it /patients is refused (400).
+    patient_root: bool = True
+    # Accepts C-GET; a node with ``retrieve = "auto"`` and ``c_get = false`` moves.
+    c_get: bool = True
+    # Matches PatientName case-sensitively (dcmqrscp, CTN): name keys are then sent
+    # with each ASCII letter as "?" and matched by the gateway, so that QIDO's
+    # case-insensitive PN matching holds on every PACS.
+    case_sensitive_names: bool = False
+    # Returns ModalitiesInStudy and NumberOfStudyRelatedSeries/Instances (and
+    # NumberOfSeriesRelatedInstances) itself.  When false they are never asked
+    # for or matched by the PACS: the gateway derives them from lower-level queries.
+    study_counts: bool = True
+
+    @field_validator("transfer_syntaxes")
+    @classmethod
+    def _syntaxes(cls, v: list[str]) -> list[str]:
+        bad = [uid for uid in v if not _UID.match(uid) or len(uid) > 64]
+        if bad:
+            raise ValueError(f"not transfer syntax UIDs: {', '.join(bad)}")
+        return list(dict.fromkeys(v))
 
 
 class PacsNode(BaseModel):
@@ -88,6 +138,11 @@ class PacsNode(BaseModel):
     # DICOM peers are often reached by an address their certificate does not name;
     # switching this off still verifies the chain.
     tls_verify_hostname: bool = True
+    # How the gateway knows how many instances a retrieve must bring: "find" asks
+    # the PACS with a C-FIND IMAGE while the move runs (the move's own counts can
+    # say Success for instances never sent); "counts" trusts the sub-operation counts.
+    expected_instances: Literal["find", "counts"] = "find"
+    profile: DimseProfile = Field(default_factory=DimseProfile)
 
     @field_validator("name")
     @classmethod
@@ -129,6 +184,12 @@ class PacsNode(BaseModel):
             )
         except TlsConfigError as exc:
             raise ValueError(f"{where}: {exc}") from None
+        return self
+
+    @model_validator(mode="after")
+    def _model_supported(self) -> PacsNode:
+        if self.query_model == "patient" and not self.profile.patient_root:
+            raise ValueError(f"node {self.name}: query_model 'patient' needs profile.patient_root")
         return self
 
 

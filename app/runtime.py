@@ -10,13 +10,11 @@ import asyncio
 import logging
 from concurrent.futures import ThreadPoolExecutor
 
-from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import _config
 
 from app.cache import InstanceCache
-from app.config import PacsNode, Settings
-from app.dimse.find import VERIFICATION, QueryModel
-from app.dimse.move import MoveModel
+from app.config import DimseProfile, PacsNode, Settings
+from app.dimse.contexts import query_contexts
 from app.dimse.pool import AssociationPool
 from app.dimse.storeproc import StorageProcess, StorageTls
 from app.errors import UnknownNode
@@ -24,16 +22,8 @@ from app.services.retrieve import Retriever
 
 log = logging.getLogger(__name__)
 
-# Explicit VR first: it carries VRs for private and unknown attributes.  Implicit
-# VR is the one syntax every PACS must accept (PS3.5 10.1).
-_QR_SYNTAXES = (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
-QUERY_CONTEXTS = (
-    (VERIFICATION, _QR_SYNTAXES),
-    (QueryModel.STUDY_ROOT.value, _QR_SYNTAXES),
-    (QueryModel.PATIENT_ROOT.value, _QR_SYNTAXES),
-    (MoveModel.STUDY_ROOT.value, _QR_SYNTAXES),
-    (MoveModel.PATIENT_ROOT.value, _QR_SYNTAXES),
-)
+# The contexts of a node with the default profile.
+QUERY_CONTEXTS = query_contexts(DimseProfile())
 
 
 def _quiet_pynetdicom() -> None:
@@ -81,7 +71,7 @@ class Gateway:
             node.name: AssociationPool(
                 node,
                 calling_ae_title=settings.ae_title,
-                contexts=QUERY_CONTEXTS,
+                contexts=query_contexts(node.profile),
                 executor=self.executor,
             )
             for node in settings.nodes

@@ -4,9 +4,10 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-# Real PACS peers and reference tools the integration tests start themselves;
+# Real PACS peers and reference tools the integration tests start themselves
+# (CTN's image_server keeps its index in a private MariaDB the tests start);
 # Chromium runs the OHIF viewer in the browser test.
-APT_PACKAGES=(orthanc orthanc-dicomweb dcmtk dcm2niix curl docker-compose chromium)
+APT_PACKAGES=(orthanc orthanc-dicomweb dcmtk dcm2niix curl docker-compose ctn mariadb-server mariadb-client chromium)
 missing=()
 for pkg in "${APT_PACKAGES[@]}"; do
     dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")

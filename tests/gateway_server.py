@@ -5,13 +5,14 @@ from __future__ import annotations
 import socket
 import threading
 import time
+import tomllib
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
 
 import uvicorn
 
-from app.config import PacsNode, Settings
+from app.config import DimseProfile, PacsNode, Settings
 from app.main import create_app
 
 GATEWAY_AE = "DIMSEGW"
@@ -79,6 +80,16 @@ class GatewayServer:
 def local_node(name: str, ae_title: str, port: int, **options: Any) -> PacsNode:
     """A PACS on this machine."""
     return PacsNode(name=name, ae_title=ae_title, host="127.0.0.1", port=port, **options)
+
+
+PROFILES = Path(__file__).resolve().parent / "data" / "profiles"
+
+
+def probed_profile(pacs: str) -> DimseProfile:
+    """The profile ``dimse-gateway probe`` found on a test PACS (orthanc, dcmqrscp,
+    qrscp, ctn), as checked in under ``tests/data/profiles``."""
+    data = tomllib.loads((PROFILES / f"{pacs}.toml").read_text(encoding="utf-8"))
+    return DimseProfile(**data["profile"])
 
 
 def gateway_settings(

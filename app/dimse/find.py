@@ -15,7 +15,7 @@ from pydicom.dataset import Dataset
 
 from app.dimse import status as st
 from app.dimse.pool import AssociationPool, Lease, quiesce_reactor
-from app.errors import AssociationAborted, DimseTimeout, PacsFailureStatus
+from app.errors import AssociationAborted, DimseTimeout, PacsError, PacsFailureStatus
 
 log = logging.getLogger(__name__)
 
@@ -114,6 +114,10 @@ def _find_blocking(
     msg_id = lease.next_message_id()
     cancel_sent = False
     failure: PacsFailureStatus | None = None
+    if not any(str(cx.abstract_syntax) == model.value for cx in lease.assoc.accepted_contexts):
+        # Refused in negotiation (a PACS that only moves): nothing was sent, the
+        # association stays good for what the PACS does accept.
+        raise PacsError(node.name, f"the PACS accepted no {model.name} C-FIND context")
     if not quiesce_reactor(lease.assoc):
         lease.reusable = False
         raise AssociationAborted(node.name, "association not responsive")

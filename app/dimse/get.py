@@ -112,8 +112,6 @@ class GetModel(StrEnum):
 #: PS3.8 9.3.2.2: presentation context IDs are the odd numbers 1-255.
 MAX_CONTEXTS: Final = 128
 
-_QR_SYNTAXES: Final = (uid.ExplicitVRLittleEndian, uid.ImplicitVRLittleEndian)
-
 #: Transfer syntaxes a PACS may hold instances in, most likely first.  While room
 #: allows each gets a context of its own, so the PACS can send every instance as
 #: stored; when it does not, the tail shares one context and the PACS picks one.
@@ -483,7 +481,7 @@ def _get_blocking(
     ae.network_timeout = node.network_timeout
     ae.connection_timeout = node.connect_timeout
     ae.maximum_pdu_size = node.max_pdu
-    ae.add_requested_context(str(model), list(_QR_SYNTAXES))
+    ae.add_requested_context(str(model), list(node.profile.transfer_syntaxes))
     for abstract_syntax, syntaxes in contexts:
         ae.add_requested_context(abstract_syntax, syntaxes)
     roles: list[Any] = [build_role(c, scp_role=True) for c in dict.fromkeys(c for c, _ in contexts)]

@@ -40,6 +40,7 @@ from app.dimse.storeproc import Arrival, Expectation, StorageProcess, StoragePro
 from app.dimse.storescp import IncomingInstance
 from app.dimse.uidscan import part10_study_series
 from app.errors import AssociationAborted, GatewayError, NotFound, PacsError
+from app.services.expected import expected_instances
 
 log = logging.getLogger(__name__)
 
@@ -93,6 +94,8 @@ class Fetch:
     subscribers: int = 0
     # The latest sub-operation counts of a pending (or the final) response.
     progress: MoveProgress = field(default_factory=MoveProgress)
+    # SOP Instance UIDs the PACS listed for the target (C-FIND IMAGE), if asked.
+    expected: frozenset[str] | None = None
 
     def report(self, progress: MoveProgress) -> None:
         """``on_progress`` hook of C-MOVE/C-GET: called on a DIMSE thread."""
@@ -140,7 +143,15 @@ class Fetch:
         # Announced deliveries that never came count too: some PACS answer
         # Success while skipping instances (CTN counts them as warnings).
         undelivered = max(0, p.completed + p.warning - len(self.arrived))
-        return p.failed + (p.remaining or 0) + undelivered
+        by_counts = p.failed + (p.remaining or 0) + undelivered
+        return max(by_counts, len(self.not_arrived))
+
+    @property
+    def not_arrived(self) -> frozenset[str]:
+        """Listed by the PACS's C-FIND but not delivered."""
+        if self.expected is None:
+            return frozenset()
+        return self.expected - {inst.sop_uid for inst in self.arrived}
 
 
 class Retriever:
@@ -272,6 +283,16 @@ class Retriever:
                     dimse_get.raise_for_refusal(node.name, result)
                 else:
                     raise_for_refusal(node.name, result)
+            if (
+                node.expected_instances == "find"
+                and target.level is not Level.IMAGE
+                and not fetch.cancel.is_set()
+            ):
+                # After the move, on the association it just gave back: no second
+                # association per retrieve, and the first instance is not delayed.
+                pool = self.pools[node.name]
+                fetch.expected = await expected_instances(pool, target.study, target.series)
+                _log_not_arrived(node, fetch, result)
             # sqlite, behind the lock the storage threads take: off the loop.
             await asyncio.to_thread(self._remember_complete, fetch, result)
         except GatewayError as exc:
@@ -325,6 +346,8 @@ class Retriever:
 
     def _method_for(self, node: PacsNode) -> Literal["get", "move"]:
         if node.retrieve == "auto":
+            if not node.profile.c_get:
+                return "move"
             return self._learned_methods.get(node.name, "get")
         return node.retrieve
 
@@ -409,7 +432,7 @@ class Retriever:
         p = result.progress
         if result.status != st.SUCCESS or p.failed or (p.remaining or 0):
             return
-        if len(fetch.arrived) < p.completed + p.warning:
+        if len(fetch.arrived) < p.completed + p.warning or fetch.not_arrived:
             return
         if fetch.target.level is Level.IMAGE:
             return
@@ -550,11 +573,31 @@ def incomplete_message(fetch: Fetch) -> str:
     if result is None:
         return "the retrieve did not finish"
     p = result.progress
+    listed = (
+        f", {len(fetch.not_arrived)} of the {len(fetch.expected)} instances the PACS lists "
+        "never arrived"
+        if fetch.expected is not None and fetch.not_arrived
+        else ""
+    )
     return (
         f"the retrieve ended with status 0x{result.status:04X}: {len(fetch.arrived)} instances "
         f"arrived, {p.failed} failed, {p.warning} with warnings"
         + (f", {p.remaining} not attempted" if p.remaining else "")
+        + listed
     )
+
+
+def _log_not_arrived(node: PacsNode, fetch: Fetch, result: MoveResult) -> None:
+    missing = fetch.not_arrived
+    if missing:
+        log.warning(
+            "retrieve %d from %s: %d instances listed by C-FIND never arrived (status 0x%04X): %s",
+            fetch.msg_id,
+            node.name,
+            len(missing),
+            result.status,
+            " ".join(sorted(missing)),
+        )
 
 
 Source = list[CachedInstance] | Fetch

@@ -25,6 +25,7 @@ from app.dicomweb.query import MatchKey, QidoQuery
 from app.dimse.find import QueryModel, c_find
 from app.dimse.identifiers import build_identifier
 from app.dimse.pool import AssociationPool
+from app.errors import InvalidRequest
 from app.runtime import Gateway
 
 log = logging.getLogger(__name__)
@@ -35,6 +36,8 @@ _STUDY_INSTANCE_COUNT = 0x00201208
 _SERIES_INSTANCE_COUNT = 0x00201209
 _MODALITY = 0x00080060
 _DERIVABLE_STUDY = frozenset({_MODALITIES_IN_STUDY, _STUDY_SERIES_COUNT, _STUDY_INSTANCE_COUNT})
+_DERIVABLE = _DERIVABLE_STUDY | {_SERIES_INSTANCE_COUNT}
+_COUNTS = _DERIVABLE - {_MODALITIES_IN_STUDY}
 
 
 @dataclass
@@ -65,6 +68,7 @@ class Searcher:
         self.query = query
         self.study_root = query.level is not Level.PATIENT and node.query_model == "study"
         self.model = QueryModel.STUDY_ROOT if self.study_root else QueryModel.PATIENT_ROOT
+        self.profile = node.profile
         self.warnings: list[str] = list(query.warnings)
         self._unjudged: set[str] = set()
         self._capped = False
@@ -99,11 +103,16 @@ class Searcher:
 
     async def run(self) -> SearchResult:
         q = self.query
+        if q.level is Level.PATIENT and not self.profile.patient_root:
+            raise InvalidRequest(
+                f"node {self.node.name!r} does not answer Patient Root queries "
+                "(profile.patient_root = false): search /studies instead"
+            )
         if q.contradictory:
             return SearchResult(warnings=self.warnings)
         want = None if q.limit is None else q.offset + q.limit + 1
         below = [lvl for lvl in Level if lvl.depth > q.level.depth and self._by_level[lvl]]
-        if below or any(k.tag in _DERIVABLE_STUDY for k in self._by_level[Level.STUDY]):
+        if below or any(k.tag in _DERIVABLE for k in q.matches):
             # Those keys are judged after the target level's C-FIND (derived
             # attributes, sub-searches): stopping it early could lose matches.
             want = None
@@ -149,7 +158,7 @@ class Searcher:
     async def _expand(self, rows: list[_Row], level: Level, want: int | None) -> list[_Row]:
         """Query *level* under each row; the answers become the new rows."""
         return_tags = self._return_tags(level)
-        keys = [self._sent(k) for k in self._by_level[level]]
+        keys = [self._sent(k) for k in self._by_level[level] if self._pacs_matches(k)]
         # One budget for the whole level, shared by the parallel C-FINDs of a
         # fan-out, so that no search holds more than max_results answers.
         budget = [self.node.max_results]
@@ -198,15 +207,34 @@ class Searcher:
             results.extend(chunk)
         return results
 
+    def _pacs_matches(self, key: MatchKey) -> bool:
+        """Whether the key goes to the PACS as a match key.
+
+        Counts are only ever returned and matched here: Orthanc returns them but
+        matches a count key against stored attributes and finds nothing.
+        ModalitiesInStudy goes only to a PACS that keeps it.
+        """
+        if key.tag in _COUNTS:
+            return False
+        return self.profile.study_counts or key.tag not in _DERIVABLE
+
     def _sent(self, key: MatchKey) -> MatchKey:
         """The key as the PACS sees it.
 
         Few PACS negotiate fuzzy semantic matching (PS3.4 C.2.2.2.8), so with
         ``fuzzymatching=true`` names go to the PACS as universal keys and the
         gateway matches them itself (case- and accent-free, by name component).
+        A PACS that matches names case-sensitively gets each letter as ``?``
+        (PS3.4 C.2.2.2.4): it returns a superset that the gateway then matches
+        without regard to case, as PS3.4 C.2.2.2.1 allows for PN.
         """
-        if self.query.fuzzymatching and key.vr == "PN" and key.value:
-            return MatchKey(key.path, key.vr, "", key.level, key.parameter)
+        if key.vr == "PN" and key.value:
+            if self.query.fuzzymatching:
+                return MatchKey(key.path, key.vr, "", key.level, key.parameter)
+            if self.profile.case_sensitive_names:
+                return MatchKey(
+                    key.path, key.vr, case_blind_pattern(key.value), key.level, key.parameter
+                )
         return key
 
     def _return_tags(self, level: Level) -> set[int]:
@@ -219,6 +247,8 @@ class Searcher:
             }
             if level is Level.STUDY and not self.study_root:
                 tags -= {t for t in tags if level_of(t, study_root=False) is Level.PATIENT}
+            if not self.profile.study_counts:
+                tags -= _DERIVABLE
             return tags
         return {UNIQUE_KEY[level]}
 
@@ -232,65 +262,90 @@ class Searcher:
             verdict = match_one(ds, key, fuzzy=self.query.fuzzymatching)
             if verdict is False:
                 return False
-            if verdict is None and final and key.tag not in _DERIVABLE_STUDY:
+            if verdict is None and final and key.tag not in _DERIVABLE:
                 self._unjudged.add(key.parameter)
         return True
 
+    def _explicit(self, tag: int) -> bool:
+        """The client named *tag* (includefield, ``all`` or a match key), not just
+        the default return attributes."""
+        q = self.query
+        return q.include_all or tag in q.includefields or any(k.tag == tag for k in q.matches)
+
     async def _derive(self, rows: list[_Row]) -> list[_Row]:
-        """Fill study attributes the PACS did not return, from a SERIES query per study.
+        """Fill count attributes the PACS did not return, from lower-level queries.
 
         ModalitiesInStudy and the related counts are optional keys many PACS do
-        not keep (dcmqrscp, qrscp); clients still filter and display them.
+        not keep (dcmqrscp, qrscp, CTN); clients still filter and display them.
+        ModalitiesInStudy and NumberOfStudyRelatedSeries cost one SERIES C-FIND
+        per study.  Instance counts a PACS does not give cost one IMAGE C-FIND per
+        series, so they are derived only when the client named them.
         """
         q = self.query
-        if Level.STUDY not in (q.level, *q.context_levels):
-            return rows
-        wanted = q.return_tags(Level.STUDY) | {k.tag for k in self._by_level[Level.STUDY]}
-        wanted &= _DERIVABLE_STUDY
-        todo = [
-            r
-            for r in rows
-            if Level.STUDY in r.data
-            and any(t not in r.data[Level.STUDY] or r.data[Level.STUDY][t].is_empty for t in wanted)
+        levels = (q.level, *q.context_levels)
+        study_wanted: set[int] = set()
+        if Level.STUDY in levels:
+            study_wanted = q.return_tags(Level.STUDY) | {k.tag for k in self._by_level[Level.STUDY]}
+            study_wanted &= _DERIVABLE_STUDY
+        series_count = Level.SERIES in levels and self._explicit(_SERIES_INSTANCE_COUNT)
+
+        def lacks(row: _Row, level: Level, tags: set[int]) -> bool:
+            ds = row.data.get(level)
+            return ds is not None and any(not _present(ds, t) for t in tags)
+
+        study_todo = [r for r in rows if study_wanted and lacks(r, Level.STUDY, study_wanted)]
+        series_todo = [
+            r for r in rows if series_count and lacks(r, Level.SERIES, {_SERIES_INSTANCE_COUNT})
         ]
-        if not todo:
-            return rows
-
-        async def fill(row: _Row) -> None:
-            study = row.data[Level.STUDY]
-            parents = [
-                _unique_match(lvl, uid)
-                for lvl, uid in row.uids.items()
-                if lvl in (Level.PATIENT, Level.STUDY)
-            ]
-            ident = build_identifier(
-                Level.SERIES,
-                parents,
-                {UNIQUE_KEY[Level.SERIES], _MODALITY, _SERIES_INSTANCE_COUNT},
-            )
-            async with self._fanout:
-                found = await c_find(self.pool, ident, self.model)
-            # Keyed by series UID: some PACS repeat a series once per instance.
-            series = {_text(ds, UNIQUE_KEY[Level.SERIES]): ds for ds in found.matches}
-            series.pop("", None)
-            modalities = sorted({_text(ds, _MODALITY) for ds in series.values()} - {""})
-            if _MODALITIES_IN_STUDY in wanted and not _present(study, _MODALITIES_IN_STUDY):
-                study.ModalitiesInStudy = modalities
-            if _STUDY_SERIES_COUNT in wanted and not _present(study, _STUDY_SERIES_COUNT):
-                study.NumberOfStudyRelatedSeries = len(series)
-            counts = [ds.get(_SERIES_INSTANCE_COUNT) for ds in series.values()]
-            if (
-                _STUDY_INSTANCE_COUNT in wanted
-                and not _present(study, _STUDY_INSTANCE_COUNT)
-                and counts
-                and all(c is not None and str(c.value).strip() for c in counts)
-            ):
-                study.NumberOfStudyRelatedInstances = sum(
-                    int(c.value) for c in counts if c is not None
-                )
-
-        await asyncio.gather(*(fill(r) for r in todo))
+        await asyncio.gather(
+            *(self._fill_study(r, study_wanted) for r in study_todo),
+            *(self._fill_series(r) for r in series_todo),
+        )
         return rows
+
+    def _parents(self, row: _Row, *levels: Level) -> list[MatchKey]:
+        return [_unique_match(lvl, uid) for lvl, uid in row.uids.items() if lvl in levels]
+
+    async def _count_instances(self, parents: list[MatchKey]) -> int:
+        ident = build_identifier(Level.IMAGE, parents, {UNIQUE_KEY[Level.IMAGE]})
+        async with self._fanout:
+            found = await c_find(self.pool, ident, self.model)
+        return len({_text(ds, UNIQUE_KEY[Level.IMAGE]) for ds in found.matches} - {""})
+
+    async def _fill_series(self, row: _Row) -> None:
+        parents = self._parents(row, Level.PATIENT, Level.STUDY, Level.SERIES)
+        row.data[Level.SERIES].NumberOfSeriesRelatedInstances = await self._count_instances(parents)
+
+    async def _fill_study(self, row: _Row, wanted: set[int]) -> None:
+        study = row.data[Level.STUDY]
+        parents = self._parents(row, Level.PATIENT, Level.STUDY)
+        return_tags = {UNIQUE_KEY[Level.SERIES], _MODALITY}
+        if self.profile.study_counts:
+            return_tags.add(_SERIES_INSTANCE_COUNT)
+        ident = build_identifier(Level.SERIES, parents, return_tags)
+        async with self._fanout:
+            found = await c_find(self.pool, ident, self.model)
+        # Keyed by series UID: some PACS repeat a series once per instance.
+        series = {_text(ds, UNIQUE_KEY[Level.SERIES]): ds for ds in found.matches}
+        series.pop("", None)
+        modalities = sorted({_text(ds, _MODALITY) for ds in series.values()} - {""})
+        if _MODALITIES_IN_STUDY in wanted and not _present(study, _MODALITIES_IN_STUDY):
+            study.ModalitiesInStudy = modalities
+        if _STUDY_SERIES_COUNT in wanted and not _present(study, _STUDY_SERIES_COUNT):
+            study.NumberOfStudyRelatedSeries = len(series)
+        if _STUDY_INSTANCE_COUNT not in wanted or _present(study, _STUDY_INSTANCE_COUNT):
+            return
+        counts = [ds.get(_SERIES_INSTANCE_COUNT) for ds in series.values()]
+        if counts and all(c is not None and str(c.value).strip() for c in counts):
+            study.NumberOfStudyRelatedInstances = sum(int(c.value) for c in counts if c is not None)
+        elif self._explicit(_STUDY_INSTANCE_COUNT):
+            totals = await asyncio.gather(
+                *(
+                    self._count_instances([*parents, _unique_match(Level.SERIES, uid)])
+                    for uid in series
+                )
+            )
+            study.NumberOfStudyRelatedInstances = sum(totals)
 
     async def _filter_below(self, rows: list[_Row]) -> list[_Row]:
         """Keep rows with at least one child matching the keys of lower levels."""
@@ -334,6 +389,25 @@ class Searcher:
 def _unique_match(level: Level, uid: str) -> MatchKey:
     tag = UNIQUE_KEY[level]
     return MatchKey((tag,), "LO" if level is Level.PATIENT else "UI", uid, level, keyword(tag))
+
+
+def case_blind_pattern(value: str) -> str:
+    """A PN match value a case-sensitive PACS matches regardless of case.
+
+    ASCII letters become ``?``; other non-ASCII characters become ``*``, because a
+    PACS may compare bytes and a ``?`` would stand for one byte of a multi-byte
+    UTF-8 character.  Wildcards and separators stay.
+    """
+    out: list[str] = []
+    for char in value:
+        if char.isascii() and char.isalpha():
+            out.append("?")
+        elif not char.isascii():
+            if not out or out[-1] != "*":
+                out.append("*")
+        else:
+            out.append(char)
+    return "".join(out)
 
 
 def _text(ds: Dataset, tag: int) -> str:

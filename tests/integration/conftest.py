@@ -22,10 +22,12 @@ from pathlib import Path
 from typing import TypeVar
 
 import pytest
+from pydicom import dcmread
 
 from app.demo import QrscpProcess, store_files
 from app.sampledata import sample_studies, write_datasets
 from tests.peers.common import LOOPBACK, PeerProcess, free_port
+from tests.peers.ctn import CtnPeer, ctn_available
 from tests.peers.dcmqrscp import DcmqrscpPeer, dcmqrscp_available
 from tests.peers.orthanc import OrthancPeer, orthanc_available
 
@@ -208,6 +210,51 @@ def qrscp_peer(
     with pacs:
         store_files(sample_files, host=LOOPBACK, port=pacs.port, called_ae=pacs.ae_title)
         yield pacs
+
+
+# CTN answers every association with ~40 ms Nagle stalls per C-STORE (it has no
+# TCP_NODELAY): it holds one patient of the sample data and the MR series of a
+# second one (Latin-1 name), not all of it.
+CTN_PATIENTS = ("DGW0001", "DGW0002")
+# dcm_qa_ts: one series, 2.dcm and 3.dcm sent as Implicit VR (CTN moves them),
+# 1.dcm as Explicit VR (CTN keeps it, lists it, counts it as a warning and never
+# sends it on a C-MOVE while answering Success).
+CTN_IMPLICIT_TS_FILES = ("2.dcm", "3.dcm")
+CTN_EXPLICIT_TS_FILES = ("1.dcm",)
+
+
+def _for_ctn(path: Path) -> bool:
+    ds = dcmread(path, stop_before_pixels=True, specific_tags=["PatientID", "Modality"])
+    return bool(
+        ds.PatientID == CTN_PATIENTS[0] or (ds.PatientID == CTN_PATIENTS[1] and ds.Modality == "MR")
+    )
+
+
+@pytest.fixture(scope="session")
+def ctn_peer(
+    tmp_path_factory: pytest.TempPathFactory,
+    peer_modalities: dict[str, tuple[str, str, int]],
+    sample_files: list[Path],
+    testdata_dir: Path,
+) -> Iterator[CtnPeer]:
+    """CTN's image_server (AET ``CTNAE``) on a private MariaDB, holding two sample
+    patients as Implicit VR and the dcm_qa_ts series with one Explicit VR instance."""
+    if not ctn_available():
+        pytest.skip("CTN or MariaDB is not installed (apt: ctn mariadb-server mariadb-client)")
+    peer = CtnPeer(tmp_path_factory.mktemp("ctn"), peers=peer_modalities)
+    ts_dir = testdata_dir / "dcm_qa_ts" / "In"
+    implicit = [p for p in sample_files if _for_ctn(p)]
+    implicit += [ts_dir / name for name in CTN_IMPLICIT_TS_FILES]
+    try:
+        _start_and_load(peer, implicit)
+        explicit = peer.load(
+            [ts_dir / n for n in CTN_EXPLICIT_TS_FILES], sender=peer.send_as_stored
+        )
+        if len(explicit.loaded) != len(CTN_EXPLICIT_TS_FILES):
+            pytest.fail(f"CTN refused the Explicit VR files: {explicit.refused}\n{peer.log_tail()}")
+        yield peer
+    finally:
+        peer.stop()
 
 
 @pytest.fixture(params=["orthanc_peer", "dcmqrscp_peer"])
