@@ -139,8 +139,9 @@ class PacsNode(BaseModel):
     # switching this off still verifies the chain.
     tls_verify_hostname: bool = True
     # How the gateway knows how many instances a retrieve must bring: "find" asks
-    # the PACS with a C-FIND IMAGE while the move runs (the move's own counts can
-    # say Success for instances never sent); "counts" trusts the sub-operation counts.
+    # the PACS with a C-FIND IMAGE (on a second association while the move runs
+    # when the pool has one free, else after it), since the move's own counts can
+    # say Success for instances never sent; "counts" trusts the sub-operation counts.
     expected_instances: Literal["find", "counts"] = "find"
     profile: DimseProfile = Field(default_factory=DimseProfile)
 

@@ -3,9 +3,10 @@
 A C-MOVE's final status and sub-operation counts are the PACS's own account of
 what it did, and some PACS get it wrong: CTN answers Success after skipping
 every instance stored in Explicit VR, counting them as warnings it never sent.
-A C-FIND at IMAGE level, run once the move has ended (on the association it
-gave back), lists the SOP Instance UIDs the retrieve should have delivered; the
-retriever compares the list with what actually arrived.
+A C-FIND at IMAGE level, run beside the move when the pool has an association
+to spare (else once the move has ended, on the association it gave back),
+lists the SOP Instance UIDs the retrieve should have delivered; the retriever
+compares the list with what actually arrived.
 """
 
 from __future__ import annotations

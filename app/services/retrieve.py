@@ -273,6 +273,14 @@ class Retriever:
             ident.SOPInstanceUID = target.instance
         result: MoveResult | None = None
         error: GatewayError | None = None
+        pool = self.pools[node.name]
+        listing: asyncio.Task[frozenset[str] | None] | None = None
+        check = node.expected_instances == "find" and target.level is not Level.IMAGE
+        if check and pool.free_slots() >= 2:
+            # The instance list on a second association while the move runs, so
+            # the verdict (and the stream's end) does not wait for it; on a busy
+            # pool it is asked after the move, on the association the move gave back.
+            listing = asyncio.create_task(expected_instances(pool, target.study, target.series))
         try:
             if self._method_for(node) == "move":
                 result = await self._move(node, fetch, ident)
@@ -283,15 +291,12 @@ class Retriever:
                     dimse_get.raise_for_refusal(node.name, result)
                 else:
                     raise_for_refusal(node.name, result)
-            if (
-                node.expected_instances == "find"
-                and target.level is not Level.IMAGE
-                and not fetch.cancel.is_set()
-            ):
-                # After the move, on the association it just gave back: no second
-                # association per retrieve, and the first instance is not delayed.
-                pool = self.pools[node.name]
-                fetch.expected = await expected_instances(pool, target.study, target.series)
+            if check and not fetch.cancel.is_set():
+                if listing is None:
+                    listing = asyncio.create_task(
+                        expected_instances(pool, target.study, target.series)
+                    )
+                fetch.expected = await listing
                 _log_not_arrived(node, fetch, result)
             # sqlite, behind the lock the storage threads take: off the loop.
             await asyncio.to_thread(self._remember_complete, fetch, result)
@@ -301,6 +306,8 @@ class Retriever:
             error = PacsError(node.name, "the retrieve was cancelled")
             raise
         finally:
+            if listing is not None and not listing.done():
+                listing.cancel()
             with self._lock:
                 self._by_msg.pop(fetch.msg_id, None)
             if self._fetches.get(target) is fetch:

@@ -141,7 +141,16 @@ def relayed(tmp_path: Path) -> Iterator[tuple[MovePacs, ForgetfulRelay, GatewayS
     try:
         settings = gateway_settings(
             tmp_path / "gw",
-            local_node("relayed", PACS_AE, relay.port, default=True, retrieve="move"),
+            # "counts": no C-FIND listing beside the move, so that the only
+            # operation that can meet the dead association is the C-MOVE.
+            local_node(
+                "relayed",
+                PACS_AE,
+                relay.port,
+                default=True,
+                retrieve="move",
+                expected_instances="counts",
+            ),
             storage_port=storage_port,
         )
         with GatewayServer(settings) as gw:
