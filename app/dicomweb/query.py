@@ -77,6 +77,9 @@ _AS = re.compile(r"^\d{3}[DWMY]\Z", re.ASCII)
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 _CONTROL_IN_TEXT = re.compile(r"[\x00-\x08\x0b\x0e-\x1f\x7f]")
 _IS_RANGE = range(-(2**31), 2**31)
+# Only these VRs take characters beyond ASCII (SpecificCharacterSet, PS3.5
+# 6.1.2.3); the others are limited to the default repertoire.
+_CHARSET_VRS = frozenset({"LO", "LT", "PN", "SH", "ST", "UC", "UT"})
 
 
 def valid_uid(value: str) -> bool:
@@ -294,6 +297,8 @@ def _match_value(name: str, path: tuple[int, ...], raw: str) -> tuple[str, str]:
         raise InvalidQuery(name, "lists of values are only supported for UIDs")
     if (_CONTROL_IN_TEXT if vr in ("LT", "ST", "UT") else _CONTROL).search(value):
         raise InvalidQuery(name, "control characters are not allowed in a value")
+    if vr not in _CHARSET_VRS and not value.isascii():
+        raise InvalidQuery(name, f"a {vr} value holds ASCII characters only")
     if len(value) > 1024:
         raise InvalidQuery(name, "value is too long")
     _check_length(name, vr, value)

@@ -134,6 +134,7 @@ values = st.one_of(
     wildcards,
     numbers,
     st.text(max_size=200),
+    st.text(st.characters(min_codepoint=0x100), min_size=1, max_size=5),
     st.text(max_size=5).map(lambda s: s * 300),
 )
 booleans = st.sampled_from(["true", "false", "TRUE", "1", "0", "yes", "no", "", "maybe"])
@@ -182,6 +183,9 @@ def assert_valid_key(key: MatchKey) -> None:
     allowed_controls = "\t\n\f\r" if vr in ("LT", "ST", "UT") else ""
     assert all(c in allowed_controls or (c >= " " and c != "\x7f") for c in value), key
     assert value == value.strip(), key
+    if vr not in ("LO", "LT", "PN", "SH", "ST", "UC", "UT"):
+        # The default repertoire only (PS3.5 6.1.2.3): the rest cannot even be encoded.
+        assert value.isascii(), key
     if vr == "UI":
         assert all(valid_uid(uid) for uid in value.split("\\")), key
         return
@@ -334,6 +338,9 @@ def test_uid_with_a_trailing_newline_is_not_valid() -> None:
         ("StudyDescription", "a\nb", "control characters"),
         # An AT key went to the PACS as text that is no tag.
         ("FrameIncrementPointer", "abc", "VR AT"),
+        # pydicom cannot encode a CS beyond Latin-1: the C-FIND failed with a 500.
+        ("Modality", "\U000e899d", "ASCII characters only"),
+        ("Modality", "\u00c9*", "ASCII characters only"),
     ],
 )
 def test_keys_invalid_for_their_vr_are_refused(name: str, value: str, fragment: str) -> None:
