@@ -4,8 +4,8 @@ A real gateway (uvicorn on a free port) in front of pynetdicom's ``qrscp``
 holding the sample studies. Every operation of the schema gets a bounded
 number of generated requests, valid and invalid by the schema; none may
 answer 5xx (502/503/504 would blame the PACS, and this one is healthy), none
-may hang, and every answer must match the response schema the API declares
-for its status and media type.
+may hang, and every answer must match the response schema the API declares,
+where it declares one for its status and media type.
 """
 
 from __future__ import annotations
@@ -54,7 +54,7 @@ CASES = [
     if mode is GenerationMode.POSITIVE or _violable(operation)
 ]
 
-# Bounded: about 80 (operation, mode) pairs x 5 examples, and every search
+# Bounded: about 120 (operation, mode) pairs x 5 examples, and every search
 # stops after a few matches (max_results). The /pacs/{node}/... twins of the
 # /dicomweb/... operations get random node names: their handlers are the same,
 # so the PACS is asked once per example, not twice.
