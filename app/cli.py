@@ -42,9 +42,11 @@ def _serve(settings: Settings) -> None:
     signal.signal(signal.SIGTERM, _exit_on_sigterm)
 
     from app.main import create_app
+    from app.serving import DrainingServer
 
-    uvicorn.run(
-        create_app(settings),
+    app = create_app(settings)
+    config = uvicorn.Config(
+        app,
         host=settings.http_host,
         port=settings.http_port,
         log_level=settings.log_level.lower(),
@@ -54,6 +56,7 @@ def _serve(settings: Settings) -> None:
         # uvicorn's own lines go through our handler (JSON when asked for).
         log_config=None,
     )
+    DrainingServer(config, app.state.draining, settings.shutdown_grace).run()
 
 
 def cmd_serve(args: argparse.Namespace) -> int:

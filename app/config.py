@@ -213,6 +213,10 @@ class Settings(BaseSettings):
     cache_max_bytes: int = Field(default=20 * 1024**3, ge=64 * 1024**2)
     # Announced to PACS that send us instances: larger PDUs mean fewer round trips.
     storage_max_pdu: int = Field(default=1024 * 1024, ge=16384)
+    # On shutdown, in-flight requests get this long to finish; then streaming
+    # retrieves end at a part boundary, marked incomplete (app/serving.py). Keep it
+    # and 5 s more below the container's stop timeout (Docker: 10 s).
+    shutdown_grace: float = Field(default=4.0, ge=0)
     # NIfTI sidecars leave out patient identity unless asked (?phi=true) and allowed here.
     allow_phi_in_sidecars: bool = False
     # Retrieve jobs (POST /jobs): how many are kept at once (finished ones make room

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import threading
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -74,6 +75,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.settings = settings
     app.state.metrics = registry
     registry.watch(lambda: getattr(app.state, "gateway", None))
+    # Set when a shutdown's grace period is over (app/serving.py): streaming
+    # answers then end at the next part boundary, marked incomplete.
+    app.state.draining = threading.Event()
     errors.install(app)
     openapi.install(app)
     app.add_middleware(

@@ -14,6 +14,7 @@ import uvicorn
 
 from app.config import DimseProfile, PacsNode, Settings
 from app.main import create_app
+from app.serving import DrainingServer
 
 GATEWAY_AE = "DIMSEGW"
 
@@ -29,6 +30,7 @@ class GatewayServer:
     """``with GatewayServer(settings) as gw: httpx.get(gw.url + "/health")``."""
 
     def __init__(self, settings: Settings) -> None:
+        """A stop behaves as ``dimse-gateway serve`` on SIGTERM (``shutdown_grace``)."""
         if settings.http_port == 0:
             settings = settings.model_copy(update={"http_port": free_port()})
         self.settings = settings
@@ -41,7 +43,7 @@ class GatewayServer:
             access_log=False,
             lifespan="on",
         )
-        self.server = uvicorn.Server(config)
+        self.server = DrainingServer(config, self.app.state.draining, settings.shutdown_grace)
         self._thread = threading.Thread(target=self.server.run, name="gateway", daemon=True)
 
     @property
@@ -61,9 +63,13 @@ class GatewayServer:
             time.sleep(0.01)
         return self
 
-    def stop(self) -> None:
+    def stop(self, timeout: float = 15) -> None:
         self.server.should_exit = True
-        self._thread.join(timeout=15)
+        self._thread.join(timeout=timeout)
+
+    @property
+    def running(self) -> bool:
+        return self._thread.is_alive()
 
     def __enter__(self) -> Self:
         return self.start()

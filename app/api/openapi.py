@@ -13,6 +13,8 @@ from typing import Any
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 
+from app.dicomweb.query import UID_RE
+
 WINDOW = (
     "VOI window as `center,width[,function]` with function `linear` (default), "
     "`linear-exact` or `sigmoid` (PS3.18 §8.3.5.1.4), applied after Rescale Slope/Intercept. "
@@ -79,6 +81,11 @@ PATH_PARAMETERS = {
     "tag_path": "Bulk data location as in the metadata's `BulkDataURI`: tags as 8 hex "
     "digits, sequence items as numbers (e.g. `7FE00010` or `00540016/0/00181072`).",
 }
+
+# The UID grammar (PS3.5 9.1) the routes check with check_uid (400 otherwise);
+# declared so that clients, and the API fuzz tests, know it.
+_UID_SCHEMA = {"pattern": UID_RE.pattern.replace("\\Z", "$"), "maxLength": 64}
+_UID_PARAMETERS = {"study", "series", "instance"}
 
 _QIDO_PARAMETERS: list[dict[str, Any]] = [
     {
@@ -237,6 +244,8 @@ def _touch_up(schema: dict[str, Any]) -> None:
                     text = PATH_PARAMETERS.get(parameter["name"])
                     if text:
                         parameter["description"] = text
+                if parameter.get("in") == "path" and parameter["name"] in _UID_PARAMETERS:
+                    parameter.setdefault("schema", {}).update(_UID_SCHEMA)
             responses = operation.setdefault("responses", {})
             if path.startswith("/pacs/") and not _is_dicomweb(path):
                 _add_errors(responses, ("404", "502", "503", "504"))

@@ -6,6 +6,7 @@ import asyncio
 import logging
 import mmap
 import os
+import threading
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -137,9 +138,20 @@ async def _multipart_instances(
         return _cached_multipart(cached, boundary, base)
     warning = await until_disconnected(request, delivery.prepare())
 
+    draining: threading.Event = request.app.state.draining
+
     async def body() -> AsyncIterator[bytes | memoryview]:
         sent = 0
         async for inst in delivery:
+            if draining.is_set():
+                # The server is shutting down: end at a part boundary, without
+                # the closing delimiter, so the client knows the body is cut.
+                log.warning(
+                    "retrieve of study %s cut after %d instances: the gateway is shutting down",
+                    delivery.study,
+                    sent,
+                )
+                return
             try:
                 data, ts = await _part_body(inst, negotiated)
                 size = inst.size if isinstance(data, Path) else len(data)

@@ -25,13 +25,16 @@ from app.dicomweb.attributes import (
 )
 from app.errors import InvalidQuery
 
-UID_RE = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$")
-_HEX_TAG = re.compile(r"^[0-9A-Fa-f]{8}$")
-_IS = re.compile(r"^[+-]?\d{1,12}$")
-_DS = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$")
-_DATE = re.compile(r"^\d{8}$")
-_TIME = re.compile(r"^\d{2}(\d{2}(\d{2}(\.\d{1,6})?)?)?$")
-_DATETIME = re.compile(r"^\d{4}(\d{2}(\d{2}(\d{2}(\d{2}(\d{2}(\.\d{1,6})?)?)?)?)?)?([+-]\d{4})?$")
+# \Z, not $: "$" also matches before a trailing newline. ASCII: \d is any script's digit.
+UID_RE = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*\Z", re.ASCII)
+_HEX_TAG = re.compile(r"^[0-9A-Fa-f]{8}\Z", re.ASCII)
+_IS = re.compile(r"^[+-]?\d{1,12}\Z", re.ASCII)
+_DS = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?\Z", re.ASCII)
+_DATE = re.compile(r"^\d{8}\Z", re.ASCII)
+_TIME = re.compile(r"^\d{2}(\d{2}(\d{2}(\.\d{1,6})?)?)?\Z", re.ASCII)
+_DATETIME = re.compile(
+    r"^\d{4}(\d{2}(\d{2}(\d{2}(\d{2}(\d{2}(\.\d{1,6})?)?)?)?)?)?([+-]\d{4})?\Z", re.ASCII
+)
 
 # Parameters that are not attribute matches.  accept/charset steer the response
 # (PS3.18 §8.3.3); emptyvaluematching/multiplevaluematching are acknowledged with
@@ -50,9 +53,33 @@ _CONTROL_PARAMS = {
 # VRs for which "*" and "?" are wild cards (PS3.4 C.2.2.2.4).
 WILDCARD_VRS = frozenset({"AE", "CS", "LO", "LT", "PN", "SH", "ST", "UC", "UR", "UT"})
 RANGE_VRS = frozenset({"DA", "TM", "DT"})
-_NOT_MATCHABLE_VRS = frozenset(
-    {"OB", "OD", "OF", "OL", "OV", "OW", "UN", "FL", "FD", "SL", "SS", "UL", "US", "SV", "UV"}
+# The VRs a C-FIND key may carry a value for; binary and numeric VRs, AT and
+# the item delimiters (VR "NONE") have no string form to match against.
+_MATCHABLE_VRS = frozenset(
+    {"AE", "AS", "CS", "DA", "DS", "DT", "IS", "LO", "LT", "PN", "SH", "SQ", "ST", "TM"}
+    | {"UC", "UI", "UR", "UT"}
 )
+# Maximum value lengths in characters (PS3.5 Table 6.2-1); PN per component group.
+_MAX_CHARS = {
+    "AE": 16,
+    "CS": 16,
+    "DS": 16,
+    "IS": 12,
+    "LO": 64,
+    "LT": 10240,
+    "PN": 64,
+    "SH": 16,
+    "ST": 1024,
+}
+_AS = re.compile(r"^\d{3}[DWMY]\Z", re.ASCII)
+# Control characters are refused in every key; LT, ST and UT values may hold
+# TAB, LF, FF and CR (PS3.5 6.1.3), the other text VRs none.
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+_CONTROL_IN_TEXT = re.compile(r"[\x00-\x08\x0b\x0e-\x1f\x7f]")
+_IS_RANGE = range(-(2**31), 2**31)
+# Only these VRs take characters beyond ASCII (SpecificCharacterSet, PS3.5
+# 6.1.2.3); the others are limited to the default repertoire.
+_CHARSET_VRS = frozenset({"LO", "LT", "PN", "SH", "ST", "UC", "UT"})
 
 
 def valid_uid(value: str) -> bool:
@@ -141,26 +168,40 @@ class QidoQuery:
     _context_levels: tuple[Level, ...] = ()
 
 
-def _parse_attribute(name: str) -> tuple[int, ...]:
+def _parse_attribute(name: str, parameter: str | None = None) -> tuple[int, ...]:
+    """The tag path of an attribute ID (PS3.18 §8.3.4.1); errors name *parameter*
+    (default: *name* itself), e.g. ``includefield`` for one of its entries."""
+    parameter = parameter or name
+    where = "" if parameter == name else f"{name[:80]!r}: "
     parts = name.split(".")
     if len(parts) > 2 or not all(parts):
-        raise InvalidQuery(name, "only one sequence level is supported (Sequence.Attribute)")
+        raise InvalidQuery(
+            parameter, f"{where}only one sequence level is supported (Sequence.Attribute)"
+        )
     path: list[int] = []
     for part in parts:
         if _HEX_TAG.match(part):
             tag = int(part, 16)
             if tag & 0x00010000:
-                raise InvalidQuery(name, "private attributes cannot be searched")
+                raise InvalidQuery(parameter, f"{where}private attributes cannot be searched")
             if not dictionary_has_tag(tag):
-                raise InvalidQuery(name, f"{part} is not a DICOM attribute this gateway knows")
+                raise InvalidQuery(
+                    parameter, f"{where}{part} is not a DICOM attribute this gateway knows"
+                )
         else:
             found = tag_for_keyword(part)
             if found is None:
-                raise InvalidQuery(name, f"{part!r} is not a DICOM attribute keyword")
+                raise InvalidQuery(
+                    parameter, f"{where}{part[:80]!r} is not a DICOM attribute keyword"
+                )
             tag = int(found)
+        if tag >> 16 in (0x0000, 0x0002, 0xFFFE) or not tag & 0xFFFF:
+            # Command and File Meta elements, group lengths and item delimiters
+            # are not data set attributes; in an Identifier they would corrupt it.
+            raise InvalidQuery(parameter, f"{where}{keyword(tag)} is not a data set attribute")
         path.append(tag)
     if len(path) == 2 and vr_of(path[0]) != "SQ":
-        raise InvalidQuery(name, f"{keyword(path[0])} is not a sequence")
+        raise InvalidQuery(parameter, f"{where}{keyword(path[0])} is not a sequence")
     return tuple(path)
 
 
@@ -231,7 +272,7 @@ def _check_calendar(name: str, vr: str, value: str) -> None:
 def _match_value(name: str, path: tuple[int, ...], raw: str) -> tuple[str, str]:
     tag = path[-1]
     vr = vr_of(tag)
-    if vr in _NOT_MATCHABLE_VRS:
+    if vr not in _MATCHABLE_VRS:
         raise InvalidQuery(name, f"attributes of VR {vr} cannot be matched")
     if vr == "SQ":
         if raw:
@@ -248,11 +289,35 @@ def _match_value(name: str, path: tuple[int, ...], raw: str) -> tuple[str, str]:
         value = _check_range(name, vr, value)
     elif vr in ("IS", "DS") and value and not (_IS if vr == "IS" else _DS).match(value):
         raise InvalidQuery(name, f"{value[:40]!r} is not a valid {vr} number")
+    elif vr == "IS" and value and int(value) not in _IS_RANGE:
+        raise InvalidQuery(name, f"{value[:40]!r} is out of the range of an IS value")
+    elif vr == "AS" and value and not _AS.match(value):
+        raise InvalidQuery(name, f"{value[:40]!r} is not an age such as 045Y")
     if "\\" in value and vr != "UI":
         raise InvalidQuery(name, "lists of values are only supported for UIDs")
+    if (_CONTROL_IN_TEXT if vr in ("LT", "ST", "UT") else _CONTROL).search(value):
+        raise InvalidQuery(name, "control characters are not allowed in a value")
+    if vr not in _CHARSET_VRS and not value.isascii():
+        raise InvalidQuery(name, f"a {vr} value holds ASCII characters only")
     if len(value) > 1024:
         raise InvalidQuery(name, "value is too long")
+    _check_length(name, vr, value)
     return vr, value
+
+
+def _check_length(name: str, vr: str, value: str) -> None:
+    """Keys longer than the VR allows are not valid in an Identifier (PS3.5 Table 6.2-1)."""
+    limit = _MAX_CHARS.get(vr)
+    if limit is None:
+        return
+    if vr == "PN":
+        groups = value.split("=")
+        if len(groups) > 3:
+            raise InvalidQuery(name, "a person name has at most three component groups")
+        if any(len(group) > limit for group in groups):
+            raise InvalidQuery(name, f"a person name group is longer than {limit} characters")
+    elif len(value) > limit:
+        raise InvalidQuery(name, f"longer than the {limit} characters a {vr} value may have")
 
 
 def parse_qido(
@@ -316,7 +381,7 @@ def _apply_control(query: QidoQuery, low: str, name: str, value: str) -> None:
             if item.lower() == "all":
                 query.include_all = True
                 continue
-            path = _parse_attribute(item)
+            path = _parse_attribute(item, name)
             # Sequence members are returned with their sequence.
             query.includefields.add(path[0])
     elif low == "fuzzymatching":

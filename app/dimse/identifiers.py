@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 
+from pydicom import config
+from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence as DicomSequence
 
@@ -38,9 +40,17 @@ def build_identifier(
         ds.add_new(tag, vr, DicomSequence([]) if vr == "SQ" else None)
     for key in matches:
         if len(key.path) == 1:
-            ds.add_new(key.tag, key.vr, DicomSequence([]) if key.vr == "SQ" else key.value or None)
+            value = DicomSequence([]) if key.vr == "SQ" else key.value or None
+            ds[key.tag] = _key_element(key.tag, key.vr, value)
         else:
             item = Dataset()
-            item.add_new(key.path[1], key.vr, key.value or None)
+            item[key.path[1]] = _key_element(key.path[1], key.vr, key.value or None)
             ds.add_new(key.tag, "SQ", DicomSequence([item]))
     return ds
+
+
+def _key_element(tag: int, vr: str, value: object) -> DataElement:
+    # A key is not a stored value: "CT*" and "20200101-20200131" are valid
+    # matching keys (C.2.2.2.4-5) that pydicom's value checks would warn about.
+    # query.py has already checked each key against its VR.
+    return DataElement(tag, vr, value, validation_mode=config.IGNORE)
