@@ -139,9 +139,10 @@ class PacsNode(BaseModel):
     # switching this off still verifies the chain.
     tls_verify_hostname: bool = True
     # How the gateway knows how many instances a retrieve must bring: "find" asks
-    # the PACS with a C-FIND IMAGE (on a second association while the move runs
-    # when the pool has one free, else after it), since the move's own counts can
-    # say Success for instances never sent; "counts" trusts the sub-operation counts.
+    # the PACS after the move (its instance count when it counts natively, the
+    # C-FIND IMAGE listing otherwise or to name what is missing), since a move's
+    # own counts can say Success for instances never sent; "counts" trusts the
+    # move's sub-operation counts (compared with what arrived) alone.
     expected_instances: Literal["find", "counts"] = "find"
     profile: DimseProfile = Field(default_factory=DimseProfile)
 

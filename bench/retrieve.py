@@ -194,7 +194,14 @@ class GatewayProcess:
     """``dimse-gateway serve --config FILE`` as a child process in a session of its own,
     restartable with an empty cache (same ports, same config)."""
 
-    def __init__(self, workdir: Path, orthanc_aet: str, orthanc_port: int, storage_port: int):
+    def __init__(
+        self,
+        workdir: Path,
+        orthanc_aet: str,
+        orthanc_port: int,
+        storage_port: int,
+        node_options: Sequence[str] = (),
+    ):
         from tests.peers.common import free_port
 
         self.workdir = workdir
@@ -221,7 +228,7 @@ class GatewayProcess:
             f'host = "{LOOPBACK}"\n'
             f"port = {orthanc_port}\n"
             "default = true\n"
-            "dimse_timeout = 120\n"
+            "dimse_timeout = 120\n" + "".join(f"{option}\n" for option in node_options)
         )
         self.config_path.write_text(self.config_text, encoding="utf-8")
         script = Path(sys.executable).with_name("dimse-gateway")
@@ -631,7 +638,9 @@ def measure(args: argparse.Namespace) -> Report:
         storescp.start()
         received = storescp.output_dir
 
-        gateway = GatewayProcess(work / "gateway", orthanc.aet, orthanc.dicom_port, storage_port)
+        gateway = GatewayProcess(
+            work / "gateway", orthanc.aet, orthanc.dicom_port, storage_port, args.node_option
+        )
         stack.callback(gateway.stop)
 
         movescu_cmd = [
@@ -1148,6 +1157,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--profile-runs", type=int, default=3, help="cold and warm runs profiled (default 3)"
     )
     parser.add_argument("--no-doc", action="store_true", help="do not touch docs/benchmarks.md")
+    parser.add_argument(
+        "--node-option",
+        action="append",
+        default=[],
+        metavar="TOML",
+        help="a line added to the node's configuration, e.g. 'expected_instances = \"counts\"'",
+    )
     parser.add_argument(
         "--render-json",
         type=Path,

@@ -221,10 +221,6 @@ class AssociationPool:
         if self.observer is not None:
             self.observer(self.node.name, operation, status, elapsed)
 
-    def free_slots(self) -> int:
-        """Associations that could be leased now without waiting."""
-        return self.node.max_associations - len(self._in_use) - self._waiting
-
     # -- leasing -----------------------------------------------------------
 
     async def acquire(self, *, fresh: bool = False) -> Lease:

@@ -40,7 +40,7 @@ from app.dimse.storeproc import Arrival, Expectation, StorageProcess, StoragePro
 from app.dimse.storescp import IncomingInstance
 from app.dimse.uidscan import part10_study_series
 from app.errors import AssociationAborted, GatewayError, NotFound, PacsError
-from app.services.expected import expected_instances
+from app.services.expected import expected_count, expected_instances
 
 log = logging.getLogger(__name__)
 
@@ -273,14 +273,7 @@ class Retriever:
             ident.SOPInstanceUID = target.instance
         result: MoveResult | None = None
         error: GatewayError | None = None
-        pool = self.pools[node.name]
-        listing: asyncio.Task[frozenset[str] | None] | None = None
         check = node.expected_instances == "find" and target.level is not Level.IMAGE
-        if check and pool.free_slots() >= 2:
-            # The instance list on a second association while the move runs, so
-            # the verdict (and the stream's end) does not wait for it; on a busy
-            # pool it is asked after the move, on the association the move gave back.
-            listing = asyncio.create_task(expected_instances(pool, target.study, target.series))
         try:
             if self._method_for(node) == "move":
                 result = await self._move(node, fetch, ident)
@@ -292,11 +285,9 @@ class Retriever:
                 else:
                     raise_for_refusal(node.name, result)
             if check and not fetch.cancel.is_set():
-                if listing is None:
-                    listing = asyncio.create_task(
-                        expected_instances(pool, target.study, target.series)
-                    )
-                fetch.expected = await listing
+                # After the move, on the association it just gave back: no second
+                # association, and nothing competes with the instances arriving.
+                fetch.expected = await self._expected(node, fetch)
                 _log_not_arrived(node, fetch, result)
             # sqlite, behind the lock the storage threads take: off the loop.
             await asyncio.to_thread(self._remember_complete, fetch, result)
@@ -306,13 +297,22 @@ class Retriever:
             error = PacsError(node.name, "the retrieve was cancelled")
             raise
         finally:
-            if listing is not None and not listing.done():
-                listing.cancel()
             with self._lock:
                 self._by_msg.pop(fetch.msg_id, None)
             if self._fetches.get(target) is fetch:
                 del self._fetches[target]
             fetch.finish(result, error)
+
+    async def _expected(self, node: PacsNode, fetch: Fetch) -> frozenset[str] | None:
+        """What the PACS says the retrieve should have brought (see services/expected.py)."""
+        pool = self.pools[node.name]
+        target = fetch.target
+        arrived = frozenset(inst.sop_uid for inst in fetch.arrived)
+        if node.profile.study_counts:
+            count = await expected_count(pool, target.study, target.series)
+            if count is not None and count <= len(arrived):
+                return arrived
+        return await expected_instances(pool, target.study, target.series)
 
     async def _move(self, node: PacsNode, fetch: Fetch, ident: Dataset) -> MoveResult:
         storage = self.storage
