@@ -1,10 +1,11 @@
-"""``dimse-gateway`` command line: serve, demo, echo, probe, nodes; find and get from a running
-gateway."""
+"""``dimse-gateway`` command line: serve, demo, echo, probe, nodes, hash-key; find and get from a
+running gateway."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import logging
 import signal
 import sys
@@ -275,6 +276,27 @@ def _viewer_option(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def cmd_hash_key(args: argparse.Namespace) -> int:
+    from app.auth.keys import generate_key, hash_key, sha256_hash
+
+    if args.stdin:
+        # Never on the command line: argv is visible to every local user (ps).
+        key = sys.stdin.readline().rstrip("\r\n")
+        if not key:
+            print("dimse-gateway hash-key: no key on standard input", file=sys.stderr)
+            return 2
+    else:
+        key = generate_key()
+    stored = sha256_hash(key) if args.sha256 else hash_key(key)
+    nodes = ", ".join(json.dumps(n.strip()) for n in args.nodes.split(",") if n.strip())
+    if not args.stdin:
+        print(f"# the key (give it to the client; it is not stored anywhere): {key}")
+    # JSON strings are valid TOML basic strings.
+    print(f"[[api_keys]]\nname = {json.dumps(args.name)}\nhash = {json.dumps(stored)}")
+    print(f"nodes = [{nodes}]")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="dimse-gateway", description="DICOMweb gateway in front of DIMSE-only PACS"
@@ -310,6 +332,19 @@ def build_parser() -> argparse.ArgumentParser:
     load.add_argument("--called-ae", required=True, help="the PACS's AE title")
     load.add_argument("--calling-ae", default="DEMOLOAD", help="our AE title (default DEMOLOAD)")
     load.set_defaults(func=cmd_load_samples)
+    hkey = sub.add_parser(
+        "hash-key",
+        help="make an API key and the [[api_keys]] entry that stores its hash",
+        description="Without --stdin a new random key is made and printed once. The "
+        "printed [[api_keys]] entry goes into the configuration file.",
+    )
+    hkey.add_argument("--stdin", action="store_true", help="hash a key read from standard input")
+    hkey.add_argument("--name", default="client", help="name of the key in the audit log")
+    hkey.add_argument("--nodes", default="*", help="comma-separated node names ('*': all)")
+    hkey.add_argument(
+        "--sha256", action="store_true", help="plain SHA-256 (fast; only for long random keys)"
+    )
+    hkey.set_defaults(func=cmd_hash_key)
 
     probe = sub.add_parser(
         "probe", help="find out what a configured node supports; prints its profile as TOML"

@@ -1,0 +1,61 @@
+"""Requests refused before routing: over-long URLs and headers, and request bodies.
+
+The gateway only answers GETs: nothing it serves reads a body, so one is refused
+rather than read.  uvicorn bounds what it buffers itself; these limits are the
+gateway's own, the same whichever HTTP parser uvicorn picked, and answered
+with a JSON body like every other error.
+"""
+
+from __future__ import annotations
+
+import json
+
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+MAX_HEADERS = 100
+
+
+class RequestLimits:
+    """414 for a long URL, 431 for large or many headers, 413 for a body."""
+
+    def __init__(self, app: ASGIApp, *, max_url_bytes: int, max_header_bytes: int) -> None:
+        self.app = app
+        self.max_url_bytes = max_url_bytes
+        self.max_header_bytes = max_header_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            refusal = self._refusal(scope)
+            if refusal is not None:
+                status, message = refusal
+                body = json.dumps({"error": "RequestRefused", "message": message}).encode()
+                await send(
+                    {
+                        "type": "http.response.start",
+                        "status": status,
+                        "headers": [
+                            (b"content-type", b"application/json"),
+                            (b"content-length", str(len(body)).encode()),
+                            (b"connection", b"close"),
+                        ],
+                    }
+                )
+                await send({"type": "http.response.body", "body": body})
+                return
+        await self.app(scope, receive, send)
+
+    def _refusal(self, scope: Scope) -> tuple[int, str] | None:
+        path: bytes = scope.get("raw_path") or scope["path"].encode()
+        url = len(path) + len(scope.get("query_string", b""))
+        if url > self.max_url_bytes:
+            return 414, f"the request URL is longer than {self.max_url_bytes} bytes"
+        headers: list[tuple[bytes, bytes]] = scope.get("headers", [])
+        if len(headers) > MAX_HEADERS:
+            return 431, f"more than {MAX_HEADERS} request headers"
+        if sum(len(k) + len(v) for k, v in headers) > self.max_header_bytes:
+            return 431, f"the request headers are larger than {self.max_header_bytes} bytes"
+        for name, value in headers:
+            has_body = name == b"content-length" and value.strip() != b"0"
+            if has_body or name == b"transfer-encoding":
+                return 413, "this gateway takes no request bodies"
+        return None
