@@ -1,4 +1,5 @@
-"""Requests refused before routing: over-long URLs and headers, and request bodies.
+"""Requests refused before routing: over-long URLs and headers, request bodies, and
+paths that try to climb out of where they are (encoded slashes, dot segments, NUL).
 
 The gateway only answers GETs: nothing it serves reads a body, so one is refused
 rather than read.  uvicorn bounds what it buffers itself; these limits are the
@@ -9,10 +10,13 @@ with a JSON body like every other error.
 from __future__ import annotations
 
 import json
+from urllib.parse import unquote_to_bytes
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 MAX_HEADERS = 100
+# No resource of the gateway has these in its path; a client that sends them is probing.
+_TRAVERSAL = (b"%2f", b"%5c", b"%00", b"\\", b"\x00")
 
 
 class RequestLimits:
@@ -28,7 +32,10 @@ class RequestLimits:
             refusal = self._refusal(scope)
             if refusal is not None:
                 status, message = refusal
-                body = json.dumps({"error": "RequestRefused", "message": message}).encode()
+                error = {"error": "RequestRefused", "message": message}
+                if status == 400:
+                    error.update(error="InvalidRequest", parameter="path")
+                body = json.dumps(error).encode()
                 await send(
                     {
                         "type": "http.response.start",
@@ -46,6 +53,10 @@ class RequestLimits:
 
     def _refusal(self, scope: Scope) -> tuple[int, str] | None:
         path: bytes = scope.get("raw_path") or scope["path"].encode()
+        low = path.lower()
+        climbs = any(unquote_to_bytes(seg) == b".." for seg in low.split(b"/"))
+        if climbs or any(t in low for t in _TRAVERSAL):
+            return 400, "the path holds an encoded slash or backslash, a NUL or a '..' segment"
         url = len(path) + len(scope.get("query_string", b""))
         if url > self.max_url_bytes:
             return 414, f"the request URL is longer than {self.max_url_bytes} bytes"
