@@ -322,3 +322,21 @@ def hs256_token(claims: dict[str, object], secret: str, *, kid: str) -> str:
     body = _b64(json.dumps(claims).encode())
     mac = hmac.new(secret.encode(), f"{header}.{body}".encode(), hashlib.sha256).digest()
     return f"{header}.{body}.{_b64(mac)}"
+
+
+def test_cors_preflight_needs_no_credentials(client: httpx.Client) -> None:
+    # Browsers send preflights without the Authorization header they ask about.
+    resp = client.options(
+        "/pacs/a/dicomweb/studies",
+        headers={
+            "Origin": "https://viewer.example.org",
+            "Access-Control-Request-Method": "GET",
+            "Access-Control-Request-Headers": "authorization",
+        },
+    )
+    assert resp.status_code == 200
+    assert "authorization" in resp.headers["access-control-allow-headers"].lower()
+    resp = client.get("/pacs/a/dicomweb/studies", headers={"Origin": "https://viewer.example.org"})
+    assert resp.status_code == 401
+    # The viewer can read why: the challenge is exposed to scripts.
+    assert "www-authenticate" in resp.headers["access-control-expose-headers"].lower()
