@@ -215,6 +215,7 @@ class ApiKey(BaseModel):
     @field_validator("hash")
     @classmethod
     def _hash(cls, v: str) -> str:
+        # Imported here: app.auth imports this module.
         from app.auth.keys import check_hash_format
 
         return check_hash_format(v)

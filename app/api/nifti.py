@@ -260,7 +260,9 @@ async def find_nifti(
     matches = result.matches
     if not matches:
         raise NotFound("no series matches those keys")
-    if len(matches) > 1:
+    # One match is only "the" series if nothing was left unseen: a limit (the
+    # client's or the node's max_limit) may have cut the candidates to one.
+    if len(matches) > 1 or result.remaining != 0:
         # 300 Multiple Choices: the candidates, as QIDO would list them.
         body = dumps([dataset_to_json(ds) for ds in matches])
         response = Response(body, status_code=300, media_type=DICOM_JSON)

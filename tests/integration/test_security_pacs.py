@@ -193,3 +193,19 @@ def test_node_refuses_match_everything_and_cuts_limit(
         headers=headers,
     )
     assert len(resp.json()) > 2
+
+
+def test_nifti_lookup_cut_to_one_candidate_is_not_taken_as_unique(
+    gateway: GatewayServer, truth: dict[str, dict[str, set[str]]]
+) -> None:
+    assert sum(len(series) for series in truth.values()) > 1
+    resp = httpx.get(
+        f"{gateway.url}/dicomweb/nifti",
+        params={"PatientID": PATIENT, "limit": "1"},
+        headers={"X-API-Key": KEY_QA},
+        timeout=60,
+    )
+    # A limit hid the other candidates: the answer is a choice, not a volume.
+    assert resp.status_code == 300, resp.text
+    assert len(resp.json()) == 1
+    assert any("additional results" in w for w in resp.headers.get_list("warning"))
