@@ -151,6 +151,7 @@ async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
 
 async def _client_gone(request: Request, exc: Exception) -> Response:
     # Nobody reads it; nginx's 499 makes the access log say what happened.
+    note(request, error="ClientGone")
     return Response(status_code=499)
 
 
