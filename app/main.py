@@ -67,23 +67,26 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 "it can search and retrieve (configure [[api_keys]] or [oidc])",
                 settings.http_host,
             )
+        # Opened first: a gateway that cannot write its audit log does not serve.
         if audit is not None:
             audit.open()
-        gateway = Gateway(settings)
-        registry.instrument(gateway)
-        await gateway.start()
-        app.state.gateway = gateway
-        job_manager = JobManager(gateway)
-        job_manager.start()
-        app.state.jobs = job_manager
-        # Move start-up objects out of the collector's reach: a full collection
-        # otherwise walks them on every large answer (about 30 ms per 1000 matches).
-        gc.freeze()
         try:
-            yield
+            gateway = Gateway(settings)
+            registry.instrument(gateway)
+            await gateway.start()
+            app.state.gateway = gateway
+            job_manager = JobManager(gateway)
+            job_manager.start()
+            app.state.jobs = job_manager
+            # Move start-up objects out of the collector's reach: a full collection
+            # otherwise walks them on every large answer (about 30 ms per 1000 matches).
+            gc.freeze()
+            try:
+                yield
+            finally:
+                await job_manager.close()
+                await gateway.close()
         finally:
-            await job_manager.close()
-            await gateway.close()
             if audit is not None:
                 audit.close()
 
