@@ -57,9 +57,13 @@ def gateway(
     aet, port = qrscp_peer.ae_title, qrscp_peer.port
     settings = gateway_settings(
         tmp_path_factory.mktemp("gw-security"),
-        local_node("qa", aet, port, default=True),
-        local_node("qb", aet, port, scopes=["pacs:qb"]),
-        local_node("strict", aet, port, refuse_unfiltered_searches=True, max_limit=2),
+        # One PACS behind three names: two associations each stay within qrscp's
+        # limit of ten, idle ones included.
+        local_node("qa", aet, port, default=True, max_associations=2),
+        local_node("qb", aet, port, scopes=["pacs:qb"], max_associations=2),
+        local_node(
+            "strict", aet, port, refuse_unfiltered_searches=True, max_limit=2, max_associations=2
+        ),
         storage_port=gateway_storage_port,
     ).model_copy(
         update={
@@ -196,7 +200,7 @@ def test_node_refuses_match_everything_and_cuts_limit(
 
 
 def test_nifti_lookup_cut_to_one_candidate_is_not_taken_as_unique(
-    gateway: GatewayServer, truth: dict[str, dict[str, set[str]]]
+    gateway: GatewayServer, truth: dict[str, dict[str, set[str]]], audit_path: Path
 ) -> None:
     assert sum(len(series) for series in truth.values()) > 1
     resp = httpx.get(
@@ -209,3 +213,29 @@ def test_nifti_lookup_cut_to_one_candidate_is_not_taken_as_unique(
     assert resp.status_code == 300, resp.text
     assert len(resp.json()) == 1
     assert any("additional results" in w for w in resp.headers.get_list("warning"))
+    line = _audit(audit_path)[-1]
+    assert (line["kind"], line["resource"], line["status"], line["count"]) == (
+        "nifti",
+        "nifti",
+        300,
+        1,
+    )
+
+
+def test_nifti_is_audited_with_its_slices(
+    gateway: GatewayServer, truth: dict[str, dict[str, set[str]]], audit_path: Path
+) -> None:
+    study = sorted(truth)[0]
+    series = sorted(truth[study])[0]
+    resp = httpx.get(
+        f"{gateway.url}/dicomweb/studies/{study}/series/{series}/nifti",
+        headers={"X-API-Key": KEY_QA},
+        timeout=120,
+    )
+    assert resp.status_code == 200, resp.text
+    line = _audit(audit_path)[-1]
+    assert (line["kind"], line["level"], line["resource"]) == ("nifti", "series", "nifti")
+    assert (line["study_uid"], line["series_uid"]) == (study, series)
+    assert line["count"] == len(truth[study][series])
+    assert line["bytes"] == len(resp.content)
+    assert line["complete"] is True
