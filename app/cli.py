@@ -7,6 +7,7 @@ import argparse
 import asyncio
 import json
 import logging
+import os
 import signal
 import sys
 from pathlib import Path
@@ -18,6 +19,7 @@ from app.errors import GatewayError
 from app.logs import LogFormat, configure
 
 log = logging.getLogger("app.cli")
+API_KEY_ENV = "DIMSE_GATEWAY_API_KEY"
 
 
 def _settings(args: argparse.Namespace, **overrides: object) -> Settings:
@@ -211,6 +213,11 @@ def cmd_load_samples(args: argparse.Namespace) -> int:
     return 0
 
 
+def _client_key() -> str | None:
+    # From the environment, never an option: argv is visible to every local user (ps).
+    return os.environ.get(API_KEY_ENV) or None
+
+
 def cmd_find(args: argparse.Namespace) -> int:
     from app.client.commands import find, parse_keys, run
     from app.client.gateway import GatewayClient
@@ -222,7 +229,7 @@ def cmd_find(args: argparse.Namespace) -> int:
         return 2
     if args.limit is not None:
         params.append(("limit", str(args.limit)))
-    with GatewayClient(args.url, args.node) as client:
+    with GatewayClient(args.url, args.node, api_key=_client_key()) as client:
         return run(
             find, client, args.level, params, as_json=args.json, out=sys.stdout, err=sys.stderr
         )
@@ -233,7 +240,7 @@ def cmd_get(args: argparse.Namespace) -> int:
     from app.client.gateway import GatewayClient
 
     show = args.progress if args.progress is not None else sys.stderr.isatty()
-    with GatewayClient(args.url, args.node) as client:
+    with GatewayClient(args.url, args.node, api_key=_client_key()) as client:
         return run(
             get,
             client,

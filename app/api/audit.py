@@ -1,4 +1,4 @@
-"""The audit log: one JSON line per search, retrieve and NIfTI request.
+"""The audit log: one JSON line per search, retrieve, NIfTI and job request.
 
 Each line says when (UTC), who (principal, client address), where (node), what
 (kind, level, resource, the UIDs in the path, the query keys) and how it ended
@@ -26,7 +26,13 @@ from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 _KEY = "dimse_gateway.audit"
-_KINDS = {"app.api.search": "search", "app.api.retrieve": "retrieve", "app.api.nifti": "nifti"}
+_KINDS = {
+    "app.api.search": "search",
+    "app.api.retrieve": "retrieve",
+    "app.api.rendered": "retrieve",
+    "app.api.nifti": "nifti",
+    "app.api.jobs": "job",
+}
 _SEARCH_LEVELS = {"patients": "patient", "studies": "study", "series": "series"}
 _SEARCH_LEVELS["instances"] = "instance"
 _UID_PARAMS = ("study", "series", "instance")
@@ -94,13 +100,15 @@ def _where(scope: Scope) -> tuple[str, str, str] | None:
         return kind, _SEARCH_LEVELS.get(literals[-1], literals[-1]), "search"
     if kind == "nifti":
         return kind, "series", literals[-1]
+    if kind == "job":
+        return kind, "job", literals[-1]
     params = [p.strip("{}") for p in parts if p.startswith("{")]
     level = next((p for p in reversed(params) if p in _UID_PARAMS), "study")
-    resource = parts[-1] if not parts[-1].startswith("{") else "instances"
-    if resource == "{tag_path:path}" or "bulkdata" in literals:
-        resource = "bulkdata"
-    elif "frames" in literals:
-        resource = "frames"
+    last = parts[-1]
+    if last.startswith("{"):
+        resource = {"{frames}": "frames", "{tag_path:path}": "bulkdata"}.get(last, "instances")
+    else:
+        resource = last  # metadata, rendered, thumbnail
     return kind, level, resource
 
 

@@ -1,8 +1,8 @@
 """Requests refused before routing: over-long URLs and headers, request bodies, and
 paths that try to climb out of where they are (encoded slashes, dot segments, NUL).
 
-The gateway only answers GETs: nothing it serves reads a body, so one is refused
-rather than read.  uvicorn bounds what it buffers itself; these limits are the
+Only POST (a job request) reads a body, and a small one: elsewhere a body is
+refused rather than read.  uvicorn bounds what it buffers itself; these limits are the
 gateway's own, the same whichever HTTP parser uvicorn picked, and answered
 with a JSON body like every other error.
 """
@@ -15,12 +15,14 @@ from urllib.parse import unquote_to_bytes
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 MAX_HEADERS = 100
+MAX_BODY = 16384
 # No resource of the gateway has these in its path; a client that sends them is probing.
 _TRAVERSAL = (b"%2f", b"%5c", b"%00", b"\\", b"\x00")
 
 
 class RequestLimits:
-    """414 for a long URL, 431 for large or many headers, 413 for a body."""
+    """414 for a long URL, 431 for large or many headers, 413 for an unwanted or large body,
+    411 for a POST body without a length, 400 for a path that climbs."""
 
     def __init__(self, app: ASGIApp, *, max_url_bytes: int, max_header_bytes: int) -> None:
         self.app = app
@@ -65,8 +67,15 @@ class RequestLimits:
             return 431, f"more than {MAX_HEADERS} request headers"
         if sum(len(k) + len(v) for k, v in headers) > self.max_header_bytes:
             return 431, f"the request headers are larger than {self.max_header_bytes} bytes"
-        for name, value in headers:
-            has_body = name == b"content-length" and value.strip() != b"0"
-            if has_body or name == b"transfer-encoding":
-                return 413, "this gateway takes no request bodies"
+        length = next((v.strip() for k, v in headers if k == b"content-length"), b"0")
+        chunked = any(k == b"transfer-encoding" for k, _ in headers)
+        if scope["method"] != "POST":
+            if chunked or length != b"0":
+                return 413, f"{scope['method']} requests take no body"
+            return None
+        # POST /jobs: a few hundred bytes of JSON, its length said up front.
+        if chunked:
+            return 411, "a request body needs a Content-Length"
+        if not length.isdigit() or int(length) > MAX_BODY:
+            return 413, f"the request body is larger than {MAX_BODY} bytes"
         return None

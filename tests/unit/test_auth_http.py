@@ -37,6 +37,7 @@ PATH_VALUES = {
     "frames": "1",
     "tag_path": "7FE00010",
     "patient_id": "P1",
+    "job_id": "0" * 32,
 }
 
 
@@ -96,26 +97,35 @@ def _bearer(token: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {token}"}
 
 
-def _node_routes(gateway: GatewayServer) -> list[str]:
-    """Every route the app serves (from its own OpenAPI description), made concrete."""
-    urls = []
+def _node_routes(gateway: GatewayServer) -> list[tuple[str, str]]:
+    """Every (method, URL) the app serves (from its own OpenAPI description), made concrete."""
+    routes = []
     for path, operations in gateway.app.openapi()["paths"].items():
         if path in OPEN_ROUTES:
             continue
-        assert set(operations) == {"get"}, path
-        urls.append(re.sub(r"{(\w+)(:\w+)?}", lambda m: PATH_VALUES[m.group(1)], path))
-    return urls
+        url = re.sub(r"{(\w+)(:\w+)?}", lambda m: PATH_VALUES[m.group(1)], path)
+        routes += [(method.upper(), url) for method in operations]
+    return routes
+
+
+def _call(client: httpx.Client, method: str, url: str, **kw: object) -> httpx.Response:
+    if method == "POST":
+        kw["json"] = {"study": "1.2.3"}
+    elif url.endswith("/nifti"):
+        kw["params"] = {"PatientID": "P1"}
+    return client.request(method, url, **kw)  # type: ignore[arg-type]
 
 
 def test_every_route_but_health_refuses_without_credentials(
     gateway: GatewayServer, client: httpx.Client
 ) -> None:
-    urls = _node_routes(gateway)
-    # search, retrieve and NIfTI under both bases, /pacs and echo
-    assert len(urls) >= 40
-    for url in urls:
-        resp = client.get(url)
-        assert resp.status_code == 401, (url, resp.text)
+    routes = _node_routes(gateway)
+    # search, retrieve, rendered, NIfTI and jobs under both bases, /pacs, echo, metrics
+    assert len(routes) >= 60
+    assert {method for method, _ in routes} == {"GET", "POST", "DELETE"}
+    for method, url in routes:
+        resp = _call(client, method, url)
+        assert resp.status_code == 401, (method, url, resp.text)
         assert resp.json()["error"] == "Unauthenticated"
         assert resp.headers["www-authenticate"] == 'Bearer realm="dimse-gateway"'
 
@@ -127,11 +137,12 @@ def test_health_stays_open(client: httpx.Client) -> None:
 def test_every_route_accepts_a_key_for_every_node(
     gateway: GatewayServer, client: httpx.Client
 ) -> None:
-    for url in _node_routes(gateway):
-        params = {"PatientID": "P1"} if url.endswith("/nifti") else None
-        resp = client.get(url, params=params, headers=_bearer(KEY_ALL))
-        # Past authentication: what is left is the PACS being down (or a list).
-        assert resp.status_code in (200, 503), (url, resp.text)
+    for method, url in _node_routes(gateway):
+        resp = _call(client, method, url, headers=_bearer(KEY_ALL))
+        # Past authentication: what is left is the PACS being down, a list, an
+        # accepted job, or (for a made-up job id) no such job.
+        allowed = {200, 202, 503} | ({404} if url.startswith("/jobs/") else set())
+        assert resp.status_code in allowed, (method, url, resp.text)
 
 
 def test_key_for_node_a_cannot_reach_node_b(client: httpx.Client) -> None:
@@ -340,3 +351,25 @@ def test_cors_preflight_needs_no_credentials(client: httpx.Client) -> None:
     assert resp.status_code == 401
     # The viewer can read why: the challenge is exposed to scripts.
     assert "www-authenticate" in resp.headers["access-control-expose-headers"].lower()
+
+
+def test_jobs_are_seen_only_by_those_who_may_use_their_node(
+    client: httpx.Client, idp: JwksServer, signing_key: SigningKey
+) -> None:
+    created = client.post("/pacs/a/dicomweb/jobs", json={"study": "1.2.3"}, headers=_bearer(KEY_A))
+    assert created.status_code == 202, created.text
+    job = created.headers["location"]
+    assert client.get(job, headers=_bearer(KEY_A)).status_code == 200
+    assert client.get(job).status_code == 401
+    only_b = _bearer(idp.token(signing_key, scope="pacs:b"))
+    # As if it did not exist, for a caller without node a.
+    assert client.get(job, headers=only_b).status_code == 404
+    assert client.delete(job, headers=only_b).status_code == 404
+    assert client.get(f"{job}/result", headers=only_b).status_code == 404
+    listed = [j["id"] for j in client.get("/jobs", headers=only_b).json()]
+    assert job.rsplit("/", 1)[1] not in listed
+    listed = [j["id"] for j in client.get("/jobs", headers=_bearer(KEY_A)).json()]
+    assert job.rsplit("/", 1)[1] in listed
+    # Nor can it start one there.
+    resp = client.post("/pacs/a/dicomweb/jobs", json={"study": "1.2.3"}, headers=only_b)
+    assert resp.status_code == 403
