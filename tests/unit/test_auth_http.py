@@ -21,6 +21,7 @@ import httpx
 import pytest
 
 from app.auth.keys import generate_key, hash_key, sha256_hash
+from app.client.gateway import GatewayClient
 from app.config import ApiKey, OidcSettings, PacsNode, Settings
 from tests.gateway_server import GatewayServer
 from tests.jwks_server import AUDIENCE, ISSUER, JwksServer, SigningKey
@@ -373,3 +374,10 @@ def test_jobs_are_seen_only_by_those_who_may_use_their_node(
     # Nor can it start one there.
     resp = client.post("/pacs/a/dicomweb/jobs", json={"study": "1.2.3"}, headers=only_b)
     assert resp.status_code == 403
+
+
+def test_command_line_client_sends_its_key(gateway: GatewayServer) -> None:
+    with GatewayClient(gateway.url, "a", api_key=KEY_A) as c:
+        assert [n["name"] for n in c.http.get("/pacs").json()] == ["a"]
+    with GatewayClient(gateway.url, "a") as c:
+        assert c.http.get("/pacs").status_code == 401
