@@ -8,7 +8,9 @@ of the body.  Query *values* may name patients, so they are left out unless
 ``audit_query_values`` is set; a Patient ID from the path likewise.
 
 Handlers and dependencies add what only they know through ``note``; the
-middleware writes the line when the response is over, whatever happened.
+middleware writes the line just before the last body message is sent (so a
+client holding its whole answer finds the line written), or when the request
+ends any other way (client gone, error).
 Lines are appended with one ``write`` on an ``O_APPEND`` descriptor, so they
 never interleave and ``logrotate``'s ``copytruncate`` works.
 """
@@ -131,6 +133,14 @@ class AuditMiddleware:
         }
         scope[_KEY] = record
         outcome: dict[str, Any] = {"status": None, "bytes": 0, "complete": False}
+        written = False
+
+        def write() -> None:
+            nonlocal written
+            where = _where(scope)
+            if where is not None and not written:
+                written = True
+                self._write(scope, record, outcome, where, time.monotonic() - started)
 
         async def watch(message: Message) -> None:
             if message["type"] == "http.response.start":
@@ -139,6 +149,9 @@ class AuditMiddleware:
                 outcome["bytes"] += len(message.get("body", b""))
                 if not message.get("more_body", False):
                     outcome["complete"] = True
+                    # Before the last bytes leave: a client that has its whole
+                    # answer finds the line already written.
+                    write()
             await send(message)
 
         try:
@@ -149,9 +162,7 @@ class AuditMiddleware:
                 outcome["status"] = 500
             raise
         finally:
-            where = _where(scope)
-            if where is not None:
-                self._write(scope, record, outcome, where, time.monotonic() - started)
+            write()
 
     def _write(
         self,
