@@ -116,7 +116,7 @@ def test_uids_in_paths_are_checked_before_anything_else(
         ("StudyDate=20201301", "StudyDate"),
         ("StudyTime=250000", "StudyTime"),
         ("NoSuchAttribute=1", "NoSuchAttribute"),
-        ("includefield=NoSuchAttribute", "NoSuchAttribute"),
+        ("includefield=NoSuchAttribute", "includefield"),
         ("PatientName=A%5CB", "PatientName"),
         ("NumberOfStudyRelatedInstances=many", "NumberOfStudyRelatedInstances"),
     ],
@@ -231,3 +231,11 @@ def test_request_bodies_are_refused_but_for_small_posts(client: httpx.Client) ->
     assert resp.status_code == 400
     # Without a body, an unsupported method is the usual 405.
     assert client.delete("/dicomweb/studies").status_code == 405
+
+
+def test_transfer_syntax_in_accept_must_be_a_dicom_uid(client: httpx.Client) -> None:
+    # Full-width digits pass str.isdigit() but are not the digits of PS3.5 §9.1.
+    accept = 'multipart/related; type="application/dicom"; transfer-syntax=\uff11.\uff12'
+    resp = client.get("/dicomweb/studies/1.2.3/series/1.2.4", params={"accept": accept})
+    assert resp.status_code == 406
+    assert "is not a UID" in resp.json()["message"]
