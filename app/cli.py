@@ -1,11 +1,13 @@
-"""``dimse-gateway`` command line: serve, demo, echo, probe, nodes; find and get from a running
-gateway."""
+"""``dimse-gateway`` command line: serve, demo, echo, probe, nodes, hash-key; find and get from a
+running gateway."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import logging
+import os
 import signal
 import sys
 from pathlib import Path
@@ -17,6 +19,7 @@ from app.errors import GatewayError
 from app.logs import LogFormat, configure
 
 log = logging.getLogger("app.cli")
+API_KEY_ENV = "DIMSE_GATEWAY_API_KEY"
 
 
 def _settings(args: argparse.Namespace, **overrides: object) -> Settings:
@@ -210,6 +213,11 @@ def cmd_load_samples(args: argparse.Namespace) -> int:
     return 0
 
 
+def _client_key() -> str | None:
+    # From the environment, never an option: argv is visible to every local user (ps).
+    return os.environ.get(API_KEY_ENV) or None
+
+
 def cmd_find(args: argparse.Namespace) -> int:
     from app.client.commands import find, parse_keys, run
     from app.client.gateway import GatewayClient
@@ -221,7 +229,7 @@ def cmd_find(args: argparse.Namespace) -> int:
         return 2
     if args.limit is not None:
         params.append(("limit", str(args.limit)))
-    with GatewayClient(args.url, args.node) as client:
+    with GatewayClient(args.url, args.node, api_key=_client_key()) as client:
         return run(
             find, client, args.level, params, as_json=args.json, out=sys.stdout, err=sys.stderr
         )
@@ -232,7 +240,7 @@ def cmd_get(args: argparse.Namespace) -> int:
     from app.client.gateway import GatewayClient
 
     show = args.progress if args.progress is not None else sys.stderr.isatty()
-    with GatewayClient(args.url, args.node) as client:
+    with GatewayClient(args.url, args.node, api_key=_client_key()) as client:
         return run(
             get,
             client,
@@ -275,6 +283,27 @@ def _viewer_option(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def cmd_hash_key(args: argparse.Namespace) -> int:
+    from app.auth.keys import generate_key, hash_key, sha256_hash
+
+    if args.stdin:
+        # Never on the command line: argv is visible to every local user (ps).
+        key = sys.stdin.readline().rstrip("\r\n")
+        if not key:
+            print("dimse-gateway hash-key: no key on standard input", file=sys.stderr)
+            return 2
+    else:
+        key = generate_key()
+    stored = sha256_hash(key) if args.sha256 else hash_key(key)
+    nodes = ", ".join(json.dumps(n.strip()) for n in args.nodes.split(",") if n.strip())
+    if not args.stdin:
+        print(f"# the key (give it to the client; it is not stored anywhere): {key}")
+    # JSON strings are valid TOML basic strings.
+    print(f"[[api_keys]]\nname = {json.dumps(args.name)}\nhash = {json.dumps(stored)}")
+    print(f"nodes = [{nodes}]")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="dimse-gateway", description="DICOMweb gateway in front of DIMSE-only PACS"
@@ -310,6 +339,19 @@ def build_parser() -> argparse.ArgumentParser:
     load.add_argument("--called-ae", required=True, help="the PACS's AE title")
     load.add_argument("--calling-ae", default="DEMOLOAD", help="our AE title (default DEMOLOAD)")
     load.set_defaults(func=cmd_load_samples)
+    hkey = sub.add_parser(
+        "hash-key",
+        help="make an API key and the [[api_keys]] entry that stores its hash",
+        description="Without --stdin a new random key is made and printed once. The "
+        "printed [[api_keys]] entry goes into the configuration file.",
+    )
+    hkey.add_argument("--stdin", action="store_true", help="hash a key read from standard input")
+    hkey.add_argument("--name", default="client", help="name of the key in the audit log")
+    hkey.add_argument("--nodes", default="*", help="comma-separated node names ('*': all)")
+    hkey.add_argument(
+        "--sha256", action="store_true", help="plain SHA-256 (fast; only for long random keys)"
+    )
+    hkey.set_defaults(func=cmd_hash_key)
 
     probe = sub.add_parser(
         "probe", help="find out what a configured node supports; prints its profile as TOML"

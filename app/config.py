@@ -3,9 +3,10 @@
 Precedence, highest first: keyword arguments, ``DIMSE_GATEWAY_*`` environment
 variables, the TOML file named by ``config_file`` or ``DIMSE_GATEWAY_CONFIG``,
 then the defaults below.  The file's ``[gateway]`` table holds the top-level
-fields and each ``[[nodes]]`` entry one PACS; in the environment the top-level
-fields are flat (``DIMSE_GATEWAY_HTTP_PORT=8001``) and ``DIMSE_GATEWAY_NODES``
-takes a JSON list.
+fields, each ``[[nodes]]`` entry one PACS, each ``[[api_keys]]`` entry one API
+key and ``[oidc]`` the token issuer; in the environment the top-level fields are
+flat (``DIMSE_GATEWAY_HTTP_PORT=8001``) and ``DIMSE_GATEWAY_NODES``,
+``DIMSE_GATEWAY_API_KEYS`` and ``DIMSE_GATEWAY_OIDC`` take JSON.
 """
 
 from __future__ import annotations
@@ -145,6 +146,13 @@ class PacsNode(BaseModel):
     # move's sub-operation counts (compared with what arrived) alone.
     expected_instances: Literal["find", "counts"] = "find"
     profile: DimseProfile = Field(default_factory=DimseProfile)
+    # The largest QIDO ``limit`` a client gets: a bigger or missing limit is cut to
+    # this, with a Warning, as PS3.18 §8.3.4.4 lets a server do.  None: only max_results.
+    max_limit: int | None = Field(default=None, ge=1)
+    # Refuse (400) searches that would list the whole PACS: no match key, or only "*".
+    refuse_unfiltered_searches: bool = False
+    # OAuth2 scopes that grant use of this node to a bearer token (any one suffices).
+    scopes: list[str] = Field(default_factory=list)
 
     @field_validator("name")
     @classmethod
@@ -195,6 +203,63 @@ class PacsNode(BaseModel):
         return self
 
 
+class ApiKey(BaseModel):
+    """A static API key, kept only as a hash (``dimse-gateway hash-key`` makes one)."""
+
+    model_config = {"extra": "forbid"}
+
+    name: str = Field(min_length=1, max_length=64, description="Principal name in the audit log")
+    hash: str = Field(description="scrypt$... or sha256:<hex>, from dimse-gateway hash-key")
+    # Node names the key may use; "*" means every node.
+    nodes: list[str] = Field(default_factory=list)
+
+    @field_validator("hash")
+    @classmethod
+    def _hash(cls, v: str) -> str:
+        # Imported here: app.auth imports this module.
+        from app.auth.keys import check_hash_format
+
+        return check_hash_format(v)
+
+
+JwtAlgorithm = Literal[
+    "RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512", "EdDSA"
+]
+
+
+def _default_algorithms() -> list[JwtAlgorithm]:
+    return ["RS256", "ES256"]
+
+
+class OidcSettings(BaseModel):
+    """OAuth2/OIDC bearer tokens (JWT) checked against the issuer's published keys."""
+
+    model_config = {"extra": "forbid"}
+
+    issuer: str = Field(min_length=1, description="Expected iss claim")
+    audience: str = Field(min_length=1, description="Expected aud claim (this gateway)")
+    jwks_url: str = Field(description="The issuer's JWKS endpoint (http or https)")
+    # Public-key algorithms only: an HMAC "key" from a JWKS would be public knowledge.
+    algorithms: list[JwtAlgorithm] = Field(default_factory=_default_algorithms, min_length=1)
+    # Claim naming the nodes a token may use (a list or a space-separated string; "*" all).
+    nodes_claim: str = "dicom_nodes"
+    # Claim whose value names the principal in the audit log.
+    principal_claim: str = "sub"
+    leeway: float = Field(default=30.0, ge=0, le=300, description="Clock skew allowed, seconds")
+    # The key set is re-read after this long, and at most once per refresh_cooldown
+    # when a token names a key id not in it (key rotation).
+    jwks_cache_seconds: float = Field(default=300.0, gt=0)
+    jwks_refresh_cooldown: float = Field(default=30.0, ge=0)
+    jwks_timeout: float = Field(default=5.0, gt=0)
+
+    @field_validator("jwks_url")
+    @classmethod
+    def _url(cls, v: str) -> str:
+        if not v.lower().startswith(("https://", "http://")):
+            raise ValueError("jwks_url must be an http or https URL")
+        return v
+
+
 class Settings(BaseSettings):
     """Everything the gateway needs to run."""
 
@@ -241,6 +306,16 @@ class Settings(BaseSettings):
     # CAs that sign the PACS's client certificates; required when they must present one.
     storage_tls_ca_file: Path | None = None
     storage_tls_require_client_cert: bool = True
+    # Authentication is on as soon as a key or an OIDC issuer is configured.
+    api_keys: list[ApiKey] = Field(default_factory=list)
+    oidc: OidcSettings | None = None
+    # One JSON line per search and retrieve; None: no audit log.
+    audit_log: Path | None = None
+    # Query values may name patients: the audit log has keys only unless this is set.
+    audit_query_values: bool = False
+    # Requests beyond these are refused before routing (414, 431).
+    max_url_bytes: int = Field(default=8192, ge=1024)
+    max_header_bytes: int = Field(default=16384, ge=4096)
 
     @field_validator("ae_title")
     @classmethod
@@ -270,6 +345,14 @@ class Settings(BaseSettings):
         if len(defaults) > 1:
             raise ValueError(f"only one node may be the default: {', '.join(defaults)}")
         self._check_storage_tls()
+        key_names = [k.name for k in self.api_keys]
+        dupes = sorted({n for n in key_names if key_names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"api_keys names must be unique: {', '.join(dupes)}")
+        for key in self.api_keys:
+            unknown = sorted(set(key.nodes) - {"*", *names})
+            if unknown:
+                raise ValueError(f"api key {key.name!r} names unknown nodes: {', '.join(unknown)}")
         return self
 
     def _check_storage_tls(self) -> None:
@@ -297,6 +380,10 @@ class Settings(BaseSettings):
             ca_file=self.storage_tls_ca_file,
             require_client_cert=self.storage_tls_require_client_cert,
         )
+
+    @property
+    def auth_enabled(self) -> bool:
+        return bool(self.api_keys) or self.oidc is not None
 
     @property
     def default_node(self) -> PacsNode | None:
@@ -341,6 +428,9 @@ class _TomlSource(PydanticBaseSettingsSource):
         return dict(self._data)
 
 
+_TABLES = ("nodes", "api_keys", "oidc")
+
+
 def _read_toml(path: Path) -> dict[str, Any]:
     try:
         raw = tomllib.loads(path.read_text(encoding="utf-8"))
@@ -348,15 +438,16 @@ def _read_toml(path: Path) -> dict[str, Any]:
         raise ValueError(f"configuration file {path} does not exist") from None
     except tomllib.TOMLDecodeError as exc:
         raise ValueError(f"configuration file {path} is not valid TOML: {exc}") from None
-    unknown = set(raw) - {"gateway", "nodes"}
+    unknown = set(raw) - {"gateway", *_TABLES}
     if unknown:
         raise ValueError(
             f"configuration file {path}: unknown table(s) {', '.join(sorted(unknown))}; "
-            "expected [gateway] and [[nodes]]"
+            "expected [gateway], [[nodes]], [[api_keys]] and [oidc]"
         )
     data: dict[str, Any] = dict(raw.get("gateway", {}))
-    if "nodes" in raw:
-        data["nodes"] = raw["nodes"]
+    for table in _TABLES:
+        if table in raw:
+            data[table] = raw[table]
     data["config_file"] = path
     return data
 

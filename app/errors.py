@@ -5,6 +5,9 @@
     GatewayError
     ├── InvalidRequest            the client asked for something malformed (400)
     │   └── InvalidQuery          a QIDO parameter is wrong; names the parameter
+    ├── Unauthenticated           no credentials, or ones that do not verify (401)
+    ├── Forbidden                 the principal may not use that node (403)
+    ├── IdentityProviderUnavailable  the token issuer's keys cannot be read (503)
     ├── NotAcceptable             no representation the client accepts (406)
     ├── NotFound                  nothing there (404)
     │   └── UnknownNode           no PACS configured under that name
@@ -43,6 +46,26 @@ class InvalidQuery(InvalidRequest):
     def __init__(self, parameter: str, message: str) -> None:
         super().__init__(f"query parameter {parameter!r}: {message}")
         self.parameter = parameter
+
+
+class Unauthenticated(GatewayError):
+    """No credentials, or credentials that do not verify.
+
+    ``invalid`` tells a missing credential (the client should authenticate) from
+    a bad one (RFC 6750 §3.1 ``invalid_token``).
+    """
+
+    def __init__(self, message: str, *, invalid: bool = False) -> None:
+        super().__init__(message)
+        self.invalid = invalid
+
+
+class Forbidden(GatewayError):
+    """The authenticated principal may not use that node."""
+
+
+class IdentityProviderUnavailable(GatewayError):
+    """The token issuer's key set cannot be fetched: not the client's fault."""
 
 
 class NotAcceptable(GatewayError):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import logging
 import threading
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -23,8 +24,11 @@ from app.api import (
     search,
     viewer,
 )
+from app.api.audit import AuditLog, AuditMiddleware
+from app.api.limits import RequestLimits
 from app.api.middleware import HEADER as REQUEST_ID_HEADER
 from app.api.middleware import ObservabilityMiddleware
+from app.auth import Authenticator
 from app.config import Settings, load_settings
 from app.metrics import Metrics
 from app.runtime import Gateway
@@ -41,29 +45,50 @@ Each response carries an `X-Request-ID` (the client's, or a new one) that also
 appears in the gateway's log lines for that request, DIMSE operations included.
 """
 
+log = logging.getLogger(__name__)
+_LOOPBACK = ("127.0.0.1", "::1", "localhost")
+
 
 def create_app(settings: Settings | None = None) -> FastAPI:
     """Build the app; the gateway's pools live from lifespan start to end."""
     settings = settings or load_settings()
     registry = Metrics()
+    audit = (
+        AuditLog(settings.audit_log, query_values=settings.audit_query_values)
+        if settings.audit_log is not None
+        else None
+    )
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        gateway = Gateway(settings)
-        registry.instrument(gateway)
-        await gateway.start()
-        app.state.gateway = gateway
-        job_manager = JobManager(gateway)
-        job_manager.start()
-        app.state.jobs = job_manager
-        # Move start-up objects out of the collector's reach: a full collection
-        # otherwise walks them on every large answer (about 30 ms per 1000 matches).
-        gc.freeze()
+        if not settings.auth_enabled and settings.http_host not in _LOOPBACK:
+            log.warning(
+                "authentication is off and the gateway listens on %s: anyone who can reach "
+                "it can search and retrieve (configure [[api_keys]] or [oidc])",
+                settings.http_host,
+            )
+        # Opened first: a gateway that cannot write its audit log does not serve.
+        if audit is not None:
+            audit.open()
         try:
-            yield
+            gateway = Gateway(settings)
+            registry.instrument(gateway)
+            await gateway.start()
+            app.state.gateway = gateway
+            job_manager = JobManager(gateway)
+            job_manager.start()
+            app.state.jobs = job_manager
+            # Move start-up objects out of the collector's reach: a full collection
+            # otherwise walks them on every large answer (about 30 ms per 1000 matches).
+            gc.freeze()
+            try:
+                yield
+            finally:
+                await job_manager.close()
+                await gateway.close()
         finally:
-            await job_manager.close()
-            await gateway.close()
+            if audit is not None:
+                audit.close()
 
     app = FastAPI(
         title="dimse-gateway",
@@ -78,15 +103,32 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     # Set when a shutdown's grace period is over (app/serving.py): streaming
     # answers then end at the next part boundary, marked incomplete.
     app.state.draining = threading.Event()
+    app.state.authenticator = Authenticator(settings)
     errors.install(app)
     openapi.install(app)
+    # Innermost first: the audit sees the route and every answer, CORS decorates
+    # them all, and the request limits refuse before anything else runs.
+    if audit is not None:
+        app.add_middleware(AuditMiddleware, log=audit)
     app.add_middleware(
         CORSMiddleware,
         allow_origins=["*"],
         allow_methods=["GET", "POST", "DELETE", "OPTIONS"],
         allow_headers=["*"],
         # Paging and partial-result notes travel in Warning (PS3.18 §8.3.4.4).
-        expose_headers=["Warning", "Content-Location", "Location", REQUEST_ID_HEADER],
+        expose_headers=[
+            "Warning",
+            "Content-Location",
+            "Location",
+            REQUEST_ID_HEADER,
+            "WWW-Authenticate",
+            "Retry-After",
+        ],
+    )
+    app.add_middleware(
+        RequestLimits,
+        max_url_bytes=settings.max_url_bytes,
+        max_header_bytes=settings.max_header_bytes,
     )
     # Outside CORS, so that every answer (preflights too) has its request id.
     app.add_middleware(ObservabilityMiddleware, metrics=registry)

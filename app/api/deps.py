@@ -9,7 +9,10 @@ from typing import Annotated, TypeVar
 
 from fastapi import Depends, Request
 
+from app.api.audit import note
+from app.api.auth import PrincipalDep
 from app.config import PacsNode
+from app.errors import Forbidden, UnknownNode
 from app.runtime import Gateway
 
 T = TypeVar("T")
@@ -23,9 +26,21 @@ def get_gateway(request: Request) -> Gateway:
 GatewayDep = Annotated[Gateway, Depends(get_gateway)]
 
 
-def get_node(request: Request, gateway: GatewayDep) -> PacsNode:
-    """The node of ``/pacs/{node}/...``, or the default node under ``/dicomweb``."""
-    return gateway.node(request.path_params.get("node"))
+def get_node(request: Request, gateway: GatewayDep, principal: PrincipalDep) -> PacsNode:
+    """The node of ``/pacs/{node}/...``, or the default node under ``/dicomweb``,
+    once the caller is known to be allowed there (401 and 403 come first)."""
+    name = request.path_params.get("node")
+    try:
+        node = gateway.node(name)
+    except UnknownNode:
+        if principal.may_use_any():
+            raise
+        # Only to those who may use every node: others cannot probe node names.
+        raise Forbidden(f"{principal.name!r} may not use PACS node {name!r}") from None
+    note(request, node=node.name)
+    if not principal.may_use(node):
+        raise Forbidden(f"{principal.name!r} may not use PACS node {node.name!r}")
+    return node
 
 
 NodeDep = Annotated[PacsNode, Depends(get_node)]

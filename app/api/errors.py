@@ -10,6 +10,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from app.api.audit import note
 from app.api.deps import ClientGone
 from app.dimse.status import is_out_of_resources, meaning
 from app.errors import (
@@ -17,7 +18,10 @@ from app.errors import (
     AssociationRejected,
     ConversionError,
     DimseTimeout,
+    Forbidden,
     GatewayError,
+    IdentityProviderUnavailable,
+    InvalidQuery,
     InvalidRequest,
     JobNotReady,
     NotAcceptable,
@@ -27,6 +31,7 @@ from app.errors import (
     PacsUnavailable,
     PoolExhausted,
     TooManyJobs,
+    Unauthenticated,
 )
 
 log = logging.getLogger(__name__)
@@ -35,6 +40,10 @@ log = logging.getLogger(__name__)
 def _status_of(exc: GatewayError) -> int:
     if isinstance(exc, InvalidRequest):
         return 400
+    if isinstance(exc, Unauthenticated):
+        return 401
+    if isinstance(exc, Forbidden):
+        return 403
     if isinstance(exc, NotFound):
         return 404
     if isinstance(exc, NotAcceptable):
@@ -43,7 +52,7 @@ def _status_of(exc: GatewayError) -> int:
         return 422
     if isinstance(exc, JobNotReady):
         return 409
-    if isinstance(exc, PoolExhausted | PacsUnavailable | TooManyJobs):
+    if isinstance(exc, PoolExhausted | PacsUnavailable | TooManyJobs | IdentityProviderUnavailable):
         return 503
     if isinstance(exc, DimseTimeout):
         return 504
@@ -69,6 +78,21 @@ def error_body(exc: GatewayError) -> dict[str, Any]:
     return body
 
 
+def route_of(request: Request) -> str:
+    """The route template (``/patients/{patient_id}/studies``), never the path itself:
+    a path can carry a Patient ID, and patient identity stays out of the log."""
+    route = request.scope.get("route")
+    return str(getattr(route, "path", None) or "(no route)")
+
+
+def _challenge(exc: Unauthenticated) -> str:
+    # RFC 6750 §3: the scheme, and why when a credential was presented but failed.
+    if not exc.invalid:
+        return 'Bearer realm="dimse-gateway"'
+    reason = exc.message.replace("\\", "").replace('"', "'")
+    return f'Bearer realm="dimse-gateway", error="invalid_token", error_description="{reason}"'
+
+
 async def _gateway_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, GatewayError)
     status = _status_of(exc)
@@ -77,14 +101,21 @@ async def _gateway_error(request: Request, exc: Exception) -> JSONResponse:
         headers["Retry-After"] = str(exc.retry_after)
     elif status == 503:
         headers["Retry-After"] = "5"
-    log.log(
-        logging.WARNING if status >= 500 else logging.INFO,
-        "%s %s -> %d %s",
-        request.method,
-        request.url.path,
-        status,
-        exc.message,
-    )
+    elif isinstance(exc, Unauthenticated):
+        headers["WWW-Authenticate"] = _challenge(exc)
+    note(request, error=type(exc).__name__)
+    if status >= 500:
+        log.warning("%s %s -> %d %s", request.method, route_of(request), status, exc.message)
+    else:
+        # Client mistakes: the message may quote a query value (a birth date, a name).
+        log.info(
+            "%s %s -> %d %s%s",
+            request.method,
+            route_of(request),
+            status,
+            type(exc).__name__,
+            f" ({exc.parameter})" if isinstance(exc, InvalidQuery) else "",
+        )
     return JSONResponse(error_body(exc), status_code=status, headers=headers)
 
 
@@ -110,7 +141,8 @@ async def _http_error(request: Request, exc: Exception) -> JSONResponse:
 
 
 async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
-    log.exception("unexpected error on %s %s", request.method, request.url.path)
+    note(request, error="InternalError")
+    log.exception("unexpected error on %s %s", request.method, route_of(request))
     return JSONResponse(
         {"error": "InternalError", "message": "the gateway hit an unexpected error; see its log"},
         status_code=500,
@@ -119,6 +151,7 @@ async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
 
 async def _client_gone(request: Request, exc: Exception) -> Response:
     # Nobody reads it; nginx's 499 makes the access log say what happened.
+    note(request, error="ClientGone")
     return Response(status_code=499)
 
 

@@ -1,4 +1,9 @@
-"""Process health, node list with pool state, and C-ECHO per node."""
+"""Process health, node list with pool state, and C-ECHO per node.
+
+``/health`` is open (a liveness probe says nothing about the PACS); the node
+list and C-ECHO need a credential when authentication is on, and list or reach
+only the nodes the caller may use.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +11,7 @@ from typing import Any
 
 from fastapi import APIRouter
 
+from app.api.auth import PrincipalDep
 from app.api.deps import GatewayDep, NodeDep
 from app.services.health import echo
 
@@ -19,9 +25,9 @@ async def health() -> dict[str, str]:
 
 
 @router.get("/pacs", summary="Configured PACS nodes and the state of their association pools")
-async def nodes(gateway: GatewayDep) -> list[dict[str, Any]]:
-    """The configured PACS nodes, which one is the default, and the state of each association
-    pool (in use, idle, waiting, opened, failed, discarded, last error)."""
+async def nodes(gateway: GatewayDep, principal: PrincipalDep) -> list[dict[str, Any]]:
+    """The configured PACS nodes the caller may use, which one is the default, and the state
+    of each association pool (in use, idle, waiting, opened, failed, discarded, last error)."""
     default = gateway.settings.default_node
     return [
         {
@@ -36,6 +42,7 @@ async def nodes(gateway: GatewayDep) -> list[dict[str, Any]]:
             "pool": gateway.pool(node).state().as_dict(),
         }
         for node in gateway.settings.nodes
+        if principal.may_use(node)
     ]
 
 

@@ -16,10 +16,13 @@ from fastapi import APIRouter, Depends, Header, Request, Response
 from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 from pydantic import BaseModel, Field
 
+from app.api.audit import note
+from app.api.auth import PrincipalDep
 from app.api.deps import NodeDep
 from app.api.errors import error_body
+from app.auth import Principal
 from app.dicomweb.query import check_uid
-from app.errors import InvalidRequest
+from app.errors import InvalidRequest, NotFound
 from app.services.jobs import Job, JobEvent, JobManager, JobState
 
 # POST under each DICOMweb base; the rest at the root.
@@ -33,6 +36,21 @@ def get_jobs(request: Request) -> JobManager:
 
 
 JobsDep = Annotated[JobManager, Depends(get_jobs)]
+
+
+def _visible(request: Request, principal: Principal, job: Job) -> bool:
+    """A job is the caller's business when the caller may use its node."""
+    node = request.app.state.settings.node(job.node)
+    return principal.may_use_any() if node is None else principal.may_use(node)
+
+
+def _job(request: Request, principal: Principal, jobs: JobManager, job_id: str) -> Job:
+    job = jobs.get(job_id)
+    if not _visible(request, principal, job):
+        # The same answer as for an unknown id: other nodes' jobs are not listed either.
+        raise NotFound(f"no job {job_id!r}")
+    note(request, node=job.node)
+    return job
 
 
 class JobRequest(BaseModel):
@@ -133,6 +151,7 @@ async def create_job(
     check_uid("study", body.study)
     if body.series is not None:
         check_uid("series", body.series)
+    note(request, uids={"study": body.study, **({"series": body.series} if body.series else {})})
     if body.nifti and body.series is None:
         raise InvalidRequest("nifti needs a series: a study is not one volume")
     if not body.nifti and (body.echo is not None or body.volume is not None):
@@ -152,15 +171,20 @@ async def create_job(
 
 
 @router.get("/jobs", summary="Every job the gateway holds, oldest first")
-async def list_jobs(request: Request, jobs: JobsDep) -> list[dict[str, Any]]:
-    """Queued, running and finished jobs (finished ones until `jobs_ttl` passes)."""
-    return [job_json(request, job) for job in jobs.all()]
+async def list_jobs(
+    request: Request, principal: PrincipalDep, jobs: JobsDep
+) -> list[dict[str, Any]]:
+    """Queued, running and finished jobs (finished ones until `jobs_ttl` passes) on the nodes
+    the caller may use."""
+    return [job_json(request, job) for job in jobs.all() if _visible(request, principal, job)]
 
 
 @router.get("/jobs/{job_id}", summary="A job's state and progress")
-async def get_job(job_id: str, request: Request, jobs: JobsDep) -> dict[str, Any]:
+async def get_job(
+    job_id: str, request: Request, principal: PrincipalDep, jobs: JobsDep
+) -> dict[str, Any]:
     """State, phase, C-MOVE/C-GET sub-operation counts and instances received."""
-    return job_json(request, jobs.get(job_id))
+    return job_json(request, _job(request, principal, jobs, job_id))
 
 
 @router.get(
@@ -172,12 +196,13 @@ async def get_job(job_id: str, request: Request, jobs: JobsDep) -> dict[str, Any
 async def job_events(
     job_id: str,
     request: Request,
+    principal: PrincipalDep,
     jobs: JobsDep,
     last_event_id: Annotated[int | None, Header()] = None,
 ) -> StreamingResponse:
     """Replays every change since the start (or since `Last-Event-ID`), then follows the
     job live, with heartbeat comments, until it ends."""
-    job = jobs.get(job_id)
+    job = _job(request, principal, jobs, job_id)
     heartbeat = jobs.heartbeat
 
     async def stream() -> AsyncIterator[bytes]:
@@ -210,10 +235,12 @@ async def job_events(
     summary="Cancel an unfinished job (C-CANCEL), or forget a finished one",
     responses={204: {"description": "The finished job was forgotten"}},
 )
-async def delete_job(job_id: str, request: Request, jobs: JobsDep) -> Response:
+async def delete_job(
+    job_id: str, request: Request, principal: PrincipalDep, jobs: JobsDep
+) -> Response:
     """A running job's retrieve is let go (C-CANCEL when nobody else reads it); the
     answer is the job once the PACS has ended it."""
-    job = jobs.get(job_id)
+    job = _job(request, principal, jobs, job_id)
     if job.state.finished:
         jobs.delete(job)
         return Response(status_code=204)
@@ -227,8 +254,10 @@ async def delete_job(job_id: str, request: Request, jobs: JobsDep) -> Response:
     response_class=FileResponse,
     responses={200: {"content": {"application/gzip": {}, "application/octet-stream": {}}}},
 )
-async def job_result(job_id: str, jobs: JobsDep) -> FileResponse:
+async def job_result(
+    job_id: str, request: Request, principal: PrincipalDep, jobs: JobsDep
+) -> FileResponse:
     """409 while the job runs; the `.nii.gz` or `.nii` once it is done."""
-    path, name = jobs.result(jobs.get(job_id))
+    path, name = jobs.result(_job(request, principal, jobs, job_id))
     media = "application/gzip" if name.endswith(".gz") else "application/octet-stream"
     return FileResponse(path, media_type=media, filename=name)

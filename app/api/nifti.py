@@ -18,6 +18,7 @@ from fastapi import APIRouter, Query, Request, Response
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.concurrency import iterate_in_threadpool
 
+from app.api.audit import note
 from app.api.deps import GatewayDep, NodeDep, until_disconnected
 from app.api.search import DICOM_JSON, SERVICE, run_qido
 from app.cache import CachedInstance
@@ -139,9 +140,12 @@ async def _volume(
         held = "; ".join(_describe(p) for p in parts)
         raise NotFound(f"no volume of this series matches {asked}: it holds {held}")
     if len(chosen) > 1:
+        note(request, count=len(chosen))
         return _choices(request, study, series, parts, chosen)
     (part,) = chosen
-    return part, await asyncio.to_thread(build_part, part)
+    built = await asyncio.to_thread(build_part, part)
+    note(request, count=len(built.headers))
+    return part, built
 
 
 def _file_name(volume: Volume, series: str, compress: bool, suffix: str = "") -> str:
@@ -260,7 +264,10 @@ async def find_nifti(
     matches = result.matches
     if not matches:
         raise NotFound("no series matches those keys")
-    if len(matches) > 1:
+    # One match is only "the" series if nothing was left unseen: a limit (the
+    # client's or the node's max_limit) may have cut the candidates to one.
+    if len(matches) > 1 or result.remaining != 0:
+        note(request, count=len(matches))
         # 300 Multiple Choices: the candidates, as QIDO would list them.
         body = dumps([dataset_to_json(ds) for ds in matches])
         response = Response(body, status_code=300, media_type=DICOM_JSON)
@@ -270,6 +277,7 @@ async def find_nifti(
         return response
     only = matches[0]
     study, series = str(only.StudyInstanceUID), str(only.SeriesInstanceUID)
+    note(request, uids={"study": study, "series": series})
     found = await _volume(request, gateway, node, study, series, echo, volume)
     if isinstance(found, Response):
         return found

@@ -14,6 +14,7 @@ from typing import Any
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import StreamingResponse
 
+from app.api.audit import add_count, note
 from app.api.deps import GatewayDep, NodeDep, until_disconnected
 from app.cache import CachedInstance
 from app.config import PacsNode
@@ -135,7 +136,7 @@ async def _multipart_instances(
     base = _base(request)
     cached = await delivery.all_cached()
     if cached is not None and all(_as_stored(inst, negotiated) for inst in cached):
-        return _cached_multipart(cached, boundary, base)
+        return _cached_multipart(request, cached, boundary, base)
     warning = await until_disconnected(request, delivery.prepare())
 
     draining: threading.Event = request.app.state.draining
@@ -173,6 +174,7 @@ async def _multipart_instances(
                 return
             yield multipart.part_trailer()
             sent += 1
+            add_count(request)
             # A warm stream would otherwise never yield the loop (PEERS.md).
             await asyncio.sleep(0)
         if delivery.complete:
@@ -203,7 +205,9 @@ def _as_stored(inst: CachedInstance, negotiated: Negotiated) -> bool:
     return ts is None or ts == "*" or ts == inst.transfer_syntax
 
 
-def _cached_multipart(cached: list[CachedInstance], boundary: str, base: str) -> Response:
+def _cached_multipart(
+    request: Request, cached: list[CachedInstance], boundary: str, base: str
+) -> Response:
     """A complete cached retrieve sent as stored, with a Content-Length.
 
     Knowing the length up front lets uvicorn send each part as it is instead of
@@ -237,6 +241,7 @@ def _cached_multipart(cached: list[CachedInstance], boundary: str, base: str) ->
                 # sees fewer bytes than Content-Length) rather than lie.
                 log.error("cached instance %s could not be sent: %s", inst.sop_uid, exc)
                 return
+            add_count(request)
             # A warm stream would otherwise never yield the loop (PEERS.md).
             await asyncio.sleep(0)
         yield trailer + closing
@@ -293,6 +298,7 @@ async def retrieve_instance(
     inst = await gateway.retriever.instance(node, study, series, instance)
     data, ts = await _part_body(inst, negotiated)
     payload = _read(data) if isinstance(data, Path) else data
+    note(request, count=1)
     if not negotiated.multipart:
         return Response(payload, media_type=f"application/dicom; transfer-syntax={ts}")
     boundary = multipart.new_boundary()
@@ -331,6 +337,7 @@ async def _metadata(
         return dicom_files.metadata(inst.path, bulk_uri)
 
     objs = await asyncio.gather(*(asyncio.to_thread(one, inst) for inst in instances))
+    note(request, count=len(objs))
     if warning:
         # Some instances are missing (PS3.18 Table 10.4.3-1: 206 Partial Content).
         return Response(
@@ -468,6 +475,7 @@ async def retrieve_frames(
         return data, info.delivered_syntax(negotiated.transfer_syntax)
 
     data, ts = await asyncio.to_thread(cut)
+    note(request, count=len(data))
     url = _instance_url(_base(request), inst)
     return _octet_response(data, [f"{url}/frames/{n}" for n in numbers], ts, negotiated)
 
@@ -493,6 +501,7 @@ async def retrieve_bulkdata(
     negotiated = _negotiate(request, ResourceKind.BULKDATA, single=True)
     inst = await gateway.retriever.instance(node, study, series, instance)
     data = await asyncio.to_thread(dicom_files.bulkdata, inst.path, path)
+    note(request, count=1)
     # Pixel data comes back uncompressed (Explicit VR Little Endian) from bulkdata.
     ts = "1.2.840.10008.1.2.1" if path == (0x7FE00010,) else None
     return _octet_response([data], [str(request.url)], ts, negotiated)

@@ -7,12 +7,13 @@ from collections.abc import Iterable
 
 from fastapi import APIRouter, Request, Response
 
+from app.api.audit import note
 from app.api.deps import ClientGone, GatewayDep, NodeDep, until_disconnected
 from app.config import PacsNode
 from app.dicomweb.attributes import Level
 from app.dicomweb.json import dataset_to_json, dumps
-from app.dicomweb.query import check_uid, parse_qido
-from app.errors import InvalidRequest, NotAcceptable
+from app.dicomweb.query import apply_limits, check_patient_id, check_uid, parse_qido
+from app.errors import NotAcceptable
 from app.runtime import Gateway
 from app.services.search import SearchResult, run_search
 
@@ -75,7 +76,11 @@ async def run_qido(
         context_levels=context,
         study_root=node.query_model == "study" and level is not Level.PATIENT,
     )
-    return await run_search(gateway, node, query)
+    apply_limits(query, max_limit=node.max_limit, refuse_unfiltered=node.refuse_unfiltered_searches)
+    result = await run_search(gateway, node, query)
+    if query.limit_note:
+        result.warnings.insert(0, query.limit_note)
+    return result
 
 
 async def _answer(
@@ -96,6 +101,7 @@ async def _answer(
         )
     except ClientGone:
         return Response(status_code=499)
+    note(request, count=len(result.matches))
     base = _base_url(request)
 
     def encode() -> bytes:
@@ -136,8 +142,7 @@ async def search_patient_studies(
 ) -> Response:
     """Studies of one patient: a STUDY level C-FIND with the Patient ID of the path added to the
     query keys."""
-    if not patient_id or "*" in patient_id or "?" in patient_id or "\\" in patient_id:
-        raise InvalidRequest("patient_id in the path must be one literal Patient ID")
+    check_patient_id(patient_id)
     return await _answer(
         request, gateway, node, Level.STUDY, path_matches=[("PatientID", patient_id)]
     )

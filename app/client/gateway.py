@@ -64,10 +64,18 @@ def raise_for_status(resp: httpx.Response) -> None:
 class GatewayClient:
     """One gateway at *url*; DICOMweb calls go to *node*'s base (the default node if None)."""
 
-    def __init__(self, url: str, node: str | None = None, *, timeout: httpx.Timeout = _TIMEOUT):
+    def __init__(
+        self,
+        url: str,
+        node: str | None = None,
+        *,
+        timeout: httpx.Timeout = _TIMEOUT,
+        api_key: str | None = None,
+    ):
         self.url = url.rstrip("/")
         self.base = f"/pacs/{node}/dicomweb" if node else "/dicomweb"
-        self.http = httpx.Client(base_url=self.url, timeout=timeout)
+        headers = {"X-API-Key": api_key} if api_key else None
+        self.http = httpx.Client(base_url=self.url, timeout=timeout, headers=headers)
 
     def close(self) -> None:
         self.http.close()

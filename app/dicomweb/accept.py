@@ -53,6 +53,7 @@ import enum
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
+from app.dicomweb.query import valid_uid
 from app.errors import InvalidRequest, NotAcceptable
 
 EXPLICIT_VR_LITTLE_ENDIAN = "1.2.840.10008.1.2.1"
@@ -273,17 +274,10 @@ def _transfer_syntax(rng: _Range, reasons: list[str]) -> str | None:
             "responses (PS3.18 §8.7.3.5.2)"
         )
         return None
-    if not _looks_like_uid(syntax):
+    if not valid_uid(syntax):
         reasons.append(f"transfer syntax {syntax!r} is not a UID")
         return None
     return syntax
-
-
-def _looks_like_uid(text: str) -> bool:
-    # PS3.5 §9.1: digits and dots, components without leading zeros, at most 64 characters.
-    if len(text) > 64 or not text:
-        return False
-    return all(part.isdigit() and (part == "0" or part[0] != "0") for part in text.split("."))
 
 
 def _type_matches(asked: str, offered: str) -> bool:

@@ -23,7 +23,7 @@ from app.dicomweb.attributes import (
     level_of,
     vr_of,
 )
-from app.errors import InvalidQuery
+from app.errors import InvalidQuery, InvalidRequest
 
 # \Z, not $: "$" also matches before a trailing newline. ASCII: \d is any script's digit.
 UID_RE = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*\Z", re.ASCII)
@@ -94,6 +94,20 @@ def check_uid(parameter: str, value: str) -> str:
     return value
 
 
+def check_patient_id(value: str) -> str:
+    """A Patient ID in a path is one literal LO value (PS3.5 6.2): no wildcards, no
+    backslash, no control characters, at most 64 characters."""
+    if not value.strip():
+        raise InvalidQuery("patient_id", "must not be empty")
+    if len(value) > 64:
+        raise InvalidQuery("patient_id", "a Patient ID has at most 64 characters")
+    if any(c in "*?\\" or ord(c) < 0x20 or ord(c) == 0x7F for c in value):
+        raise InvalidQuery(
+            "patient_id", "must be one literal Patient ID (no wildcards, backslash or controls)"
+        )
+    return value
+
+
 @dataclass(frozen=True)
 class MatchKey:
     """One attribute match, with the value already in C-FIND syntax.
@@ -135,6 +149,13 @@ class QidoQuery:
     warnings: list[str] = field(default_factory=list)
     # A match key contradicts a UID in the URL: the answer is empty by definition.
     contradictory: bool = False
+    # Set when the node's max_limit cut the client's limit (said in a Warning).
+    limit_note: str | None = None
+
+    @property
+    def filters(self) -> bool:
+        """Whether any key narrows the search (a value that is not empty or only ``*``)."""
+        return any(k.value and k.value.strip("*") for k in self.matches)
 
     def match(self, tag: int) -> MatchKey | None:
         for key in self.matches:
@@ -370,6 +391,26 @@ def parse_qido(
             MatchKey((tag,), "UI", uid, level_of(tag, study_root=study_root), keyword(tag))
         )
     return query
+
+
+def apply_limits(query: QidoQuery, *, max_limit: int | None, refuse_unfiltered: bool) -> None:
+    """Apply a node's search policy: refuse match-everything searches where the node
+    forbids them, and cut ``limit`` to the node's maximum (PS3.18 §8.3.4.4 lets a
+    server return fewer results than asked, saying so in a Warning)."""
+    if refuse_unfiltered and not query.filters:
+        raise InvalidRequest(
+            "this node refuses searches that match everything: give at least one match key "
+            "(e.g. PatientID, StudyDate, AccessionNumber) with a value other than '*'"
+        )
+    if max_limit is None:
+        return
+    if query.limit is None or query.limit > max_limit:
+        if query.limit is not None:
+            query.limit_note = (
+                f"The limit {query.limit} exceeds this node's maximum of {max_limit}; "
+                f"at most {max_limit} results are returned."
+            )
+        query.limit = max_limit
 
 
 def _apply_control(query: QidoQuery, low: str, name: str, value: str) -> None:

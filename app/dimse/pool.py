@@ -20,6 +20,7 @@ import contextlib
 import contextvars
 import itertools
 import logging
+import math
 import socket
 import threading
 import time
@@ -114,6 +115,8 @@ class Lease:
     created: float
     last_used: float
     reused: bool = False
+    # When the current operation took it (for the hold-time estimate behind Retry-After).
+    leased_at: float = 0.0
     # The operation clears this when it cannot vouch for the association's state.
     reusable: bool = True
     # The thread-pool future of the operation running on it, if any.
@@ -175,6 +178,8 @@ class AssociationPool:
         self._closed = False
         self._reaper: asyncio.Task[None] | None = None
         self.observer: DimseObserver | None = None
+        # Moving average of how long an operation keeps an association.
+        self._hold_avg: float | None = None
 
     # -- lifecycle ---------------------------------------------------------
 
@@ -223,6 +228,18 @@ class AssociationPool:
 
     # -- leasing -----------------------------------------------------------
 
+    def _retry_after(self) -> int:
+        """Seconds a refused client should wait (Retry-After): the requests waiting now,
+        this one included, share ``max_associations`` slots, each held about as long as
+        operations have lately held one.  Before any came back, the oldest lease's age
+        is the best guess.  Whole seconds, 1 to 60 (RFC 9110 §10.2.3)."""
+        hold = self._hold_avg
+        if hold is None:
+            now = time.monotonic()
+            hold = max((now - lease.leased_at for lease in self._in_use), default=1.0)
+        estimate = hold * max(self._waiting, 1) / self.node.max_associations
+        return max(1, min(60, math.ceil(estimate)))
+
     async def acquire(self, *, fresh: bool = False) -> Lease:
         """Lease an association, opening one if none is idle.
 
@@ -237,7 +254,9 @@ class AssociationPool:
         try:
             await asyncio.wait_for(self._slots.acquire(), self.node.acquire_timeout)
         except TimeoutError:
-            raise PoolExhausted(self.node.name, time.monotonic() - started) from None
+            raise PoolExhausted(
+                self.node.name, time.monotonic() - started, retry_after=self._retry_after()
+            ) from None
         finally:
             self._waiting -= 1
         try:
@@ -248,6 +267,7 @@ class AssociationPool:
             self._slots.release()
             raise
         self._in_use.add(lease)
+        lease.leased_at = time.monotonic()
         set_poll_delay(lease.assoc, BUSY_POLL)
         return lease
 
@@ -273,6 +293,8 @@ class AssociationPool:
             return
         self._in_use.discard(lease)
         self._slots.release()
+        held = time.monotonic() - lease.leased_at
+        self._hold_avg = held if self._hold_avg is None else 0.8 * self._hold_avg + 0.2 * held
         set_poll_delay(lease.assoc, IDLE_POLL)
         keep = lease.reusable and self.node.reuse_associations and not self._closed
         if keep and lease.assoc.is_established:
