@@ -192,7 +192,7 @@ class GetAssociationRejected(AssociationRejected):
     result (PS3.8 Table 9-21): 1 permanent, 2 transient (e.g. too many associations)."""
 
     def __init__(self, node: str, message: str, *, permanent: bool) -> None:
-        super().__init__(node, message)
+        super().__init__(node, message, transient=not permanent)
         self.permanent = permanent
 
 
