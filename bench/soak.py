@@ -24,8 +24,8 @@ What it does, all on 127.0.0.1 and in a fresh temporary folder:
    tail series in turn at one every ``--tail-interval`` seconds so that each
    comes back after its eviction), single-instance retrieves, and retrieves
    the client abandons after a few hundred kilobytes; Orthanc is stopped
-   (SIGTERM) and started again on the same ports at one third and two thirds
-   of the run;
+   and started again on the same ports at one third (SIGTERM: it shuts down
+   in order) and two thirds (SIGKILL: whatever is in flight is cut) of the run;
 4. samples every second the gateway process and its storage SCP child
    (``/proc/PID/fd`` count, VmRSS), the pool state from ``/pacs`` and the
    established TCP connections from the gateway to Orthanc's DICOM port
@@ -643,6 +643,7 @@ class Sample:
 @dataclass
 class Restart:
     stopped_at: float
+    hard: bool = False
     ready_at: float = 0.0
     port_kept: bool = True
 
@@ -695,17 +696,20 @@ class Soak:
         while not self.stopping.wait(1.0):
             self.samples.append(self.sample())
 
-    def _restart_orthanc(self) -> None:
+    def _restart_orthanc(self, hard: bool) -> None:
+        """Stop Orthanc (SIGTERM, or with ``hard`` SIGKILL at once: moves and
+        searches in flight are cut) and start it again on the same ports."""
         port = self.orthanc.dicom_port
-        restart = Restart(stopped_at=time.monotonic() - self.t0)
+        restart = Restart(stopped_at=time.monotonic() - self.t0, hard=hard)
         self.restarts.append(restart)
-        self.orthanc.stop(timeout=10)
+        self.orthanc.stop(timeout=0 if hard else 10)
         time.sleep(self.args.downtime)
         self.orthanc.start()
         restart.ready_at = time.monotonic() - self.t0
         restart.port_kept = self.orthanc.dicom_port == port
         print(
-            f"  Orthanc restarted: down {restart.stopped_at:.1f} s .. {restart.ready_at:.1f} s",
+            f"  Orthanc {'killed' if hard else 'stopped'} at {restart.stopped_at:.1f} s, "
+            f"back at {restart.ready_at:.1f} s",
             flush=True,
         )
 
@@ -756,9 +760,9 @@ class Soak:
             clients = [Client(self, i) for i in range(args.clients)]
             for c in clients:
                 c.start()
-            for when in restart_at:
+            for i, when in enumerate(restart_at):
                 self.stopping.wait(max(0.0, when - (time.monotonic() - self.t0)))
-                self._restart_orthanc()
+                self._restart_orthanc(hard=i % 2 == 1)
             self.stopping.wait(max(0.0, duration - (time.monotonic() - self.t0)))
             load_end = time.monotonic() - self.t0
             self.stopping.set()
@@ -1051,9 +1055,10 @@ def render(result: dict[str, Any]) -> str:
         "",
         f"**{'All checks passed' if result['ok'] else 'CHECKS FAILED'}.** "
         f"{result['args']['clients']} client threads for {result['duration_s']:.0f} s, "
-        f"{result['requests']} requests, Orthanc stopped (SIGTERM) and started again "
+        f"{result['requests']} requests; Orthanc "
         + ", ".join(
-            f"at {x['stopped_at']:.0f} s (back at {x['ready_at']:.0f} s)"
+            f"{'killed (SIGKILL)' if x.get('hard') else 'stopped (SIGTERM)'} at "
+            f"{x['stopped_at']:.0f} s and back at {x['ready_at']:.0f} s"
             for x in result["restarts"]
         )
         + f"; {result['c_moves_logged']} C-MOVEs logged.",
