@@ -16,7 +16,7 @@
     ├── JobNotReady               a job's result was asked for before it exists (409)
     ├── PacsError                 the PACS did not do what was asked
     │   ├── PacsUnavailable       cannot connect (503)
-    │   ├── AssociationRejected   A-ASSOCIATE-RJ (502)
+    │   ├── AssociationRejected   A-ASSOCIATE-RJ (502; 503 when the PACS says transient)
     │   ├── TlsHandshakeFailed    DICOM TLS refused: certificate, CA, protocol (502)
     │   ├── AssociationAborted    A-ABORT or connection lost mid-operation (502)
     │   ├── DimseTimeout          no answer within the configured time (504)
@@ -125,7 +125,15 @@ class PacsUnavailable(PacsError):
 
 
 class AssociationRejected(PacsError):
-    """The PACS rejected the association (A-ASSOCIATE-RJ), e.g. unknown AE title."""
+    """The PACS rejected the association (A-ASSOCIATE-RJ), e.g. unknown AE title.
+
+    ``transient`` is the A-ASSOCIATE-RJ result "rejected-transient" (PS3.8 Table
+    9-21, e.g. the PACS is at its association limit): trying later may work.
+    """
+
+    def __init__(self, node: str, message: str, *, transient: bool = False) -> None:
+        super().__init__(node, message)
+        self.transient = transient
 
 
 class TlsHandshakeFailed(PacsError):

@@ -54,6 +54,8 @@ def _status_of(exc: GatewayError) -> int:
         return 409
     if isinstance(exc, PoolExhausted | PacsUnavailable | TooManyJobs | IdentityProviderUnavailable):
         return 503
+    if isinstance(exc, AssociationRejected) and exc.transient:
+        return 503
     if isinstance(exc, DimseTimeout):
         return 504
     if isinstance(exc, PacsFailureStatus):

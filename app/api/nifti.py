@@ -51,7 +51,8 @@ async def _series_files(gateway: Gateway, node: PacsNode, study: str, series: st
     delivery = Delivery(gateway.retriever, node, study, [series])
     warning = await delivery.prepare()
     instances: list[CachedInstance] = [inst async for inst in delivery]
-    if warning or not delivery.complete:
+    # A warning note alone (everything arrived) does not stop the conversion.
+    if delivery.partial or not delivery.complete:
         raise RetrieveIncomplete(
             "; ".join(delivery.problems) or warning or "the series did not arrive whole",
             node=node.name,

@@ -102,7 +102,7 @@ async def _rendered_instances(
     headers = {"Warning": f"299 {SERVICE}: {warning}"} if warning else {}
     return StreamingResponse(
         body(),
-        status_code=206 if warning else 200,
+        status_code=206 if delivery.partial else 200,
         media_type=multipart.content_type(boundary, media_type),
         headers=headers,
     )

@@ -194,7 +194,8 @@ async def _multipart_instances(
         headers["Warning"] = f"299 {SERVICE}: {warning}"
     return StreamingResponse(
         body(),
-        status_code=206 if warning else 200,
+        # A warning status of a move that delivered everything is news, not a gap.
+        status_code=206 if delivery.partial else 200,
         media_type=multipart.content_type(boundary, "application/dicom"),
         headers=headers,
     )
@@ -322,7 +323,11 @@ async def retrieve_instance(
 
 
 async def _metadata(
-    request: Request, instances: list[CachedInstance], warning: str | None = None
+    request: Request,
+    instances: list[CachedInstance],
+    warning: str | None = None,
+    *,
+    partial: bool = False,
 ) -> Response:
     base = _base(request)
 
@@ -339,25 +344,27 @@ async def _metadata(
     objs = await asyncio.gather(*(asyncio.to_thread(one, inst) for inst in instances))
     note(request, count=len(objs))
     if warning:
-        # Some instances are missing (PS3.18 Table 10.4.3-1: 206 Partial Content).
+        # Some instances are missing (PS3.18 Table 10.4.3-1: 206 Partial Content),
+        # or all arrived but the PACS ended with a warning status (200).
         return Response(
             dumps(list(objs)),
-            status_code=206,
+            status_code=206 if partial else 200,
             media_type=DICOM_JSON,
             headers={"Warning": f"299 {SERVICE}: {warning}"},
         )
     return Response(dumps(list(objs)), media_type=DICOM_JSON)
 
 
-async def _all_of(delivery: Delivery) -> tuple[list[CachedInstance], str | None]:
-    """Every instance of the delivery, and a Warning text if some are missing."""
+async def _all_of(delivery: Delivery) -> tuple[list[CachedInstance], str | None, bool]:
+    """Every instance of the delivery, a Warning text (missing instances, or a
+    PACS warning status) and whether instances are missing."""
     await delivery.prepare()
     out = [inst async for inst in delivery]
     if delivery.complete:
-        return out, None
+        return out, "; ".join(delivery.notes) or None, False
     if not out and delivery.errors:
         raise delivery.errors[0]
-    return out, "; ".join(delivery.problems) or "the retrieve did not complete"
+    return out, "; ".join(delivery.problems) or "the retrieve did not complete", True
 
 
 @router.get("/studies/{study}/metadata", summary="Metadata of a study's instances")
@@ -373,8 +380,8 @@ async def study_metadata(
     if not series:
         raise NotFound(f"study {study} was not found on {node.name!r}")
     delivery = Delivery(gateway.retriever, node, study, series)
-    instances, warning = await until_disconnected(request, _all_of(delivery))
-    return await _metadata(request, instances, warning)
+    instances, warning, partial = await until_disconnected(request, _all_of(delivery))
+    return await _metadata(request, instances, warning, partial=partial)
 
 
 @router.get("/studies/{study}/series/{series}/metadata", summary="Metadata of a series")
@@ -387,8 +394,8 @@ async def series_metadata(
     check_uid("series", series)
     _negotiate(request, ResourceKind.METADATA)
     delivery = Delivery(gateway.retriever, node, study, [series])
-    instances, warning = await until_disconnected(request, _all_of(delivery))
-    return await _metadata(request, instances, warning)
+    instances, warning, partial = await until_disconnected(request, _all_of(delivery))
+    return await _metadata(request, instances, warning, partial=partial)
 
 
 @router.get(

@@ -144,7 +144,9 @@ def _find_blocking(
                     result.truncated = True
                 continue
             result.status = code
-            if st.category(code) is st.Category.FAILURE:
+            # A Cancel the gateway did not ask for is the PACS giving up midway:
+            # the matches so far are not the answer.
+            if st.category(code) is st.Category.FAILURE or (code == st.CANCEL and not cancel_sent):
                 comment = status.get("ErrorComment")
                 failure = PacsFailureStatus(
                     node.name, "C-FIND", code, str(comment) if comment else None

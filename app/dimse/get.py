@@ -192,7 +192,7 @@ class GetAssociationRejected(AssociationRejected):
     result (PS3.8 Table 9-21): 1 permanent, 2 transient (e.g. too many associations)."""
 
     def __init__(self, node: str, message: str, *, permanent: bool) -> None:
-        super().__init__(node, message)
+        super().__init__(node, message, transient=not permanent)
         self.permanent = permanent
 
 
@@ -353,8 +353,9 @@ def refused(result: MoveResult) -> bool:
 
 
 def raise_for_refusal(node: str, result: MoveResult) -> None:
-    """Raise for a C-GET that delivered nothing because the PACS refused it."""
-    if result.category is st.Category.FAILURE and result.progress.completed == 0:
+    """Raise for a C-GET that delivered nothing because the PACS refused or cancelled it."""
+    stopped = result.category in (st.Category.FAILURE, st.Category.CANCEL)
+    if stopped and result.progress.completed == 0:
         raise PacsFailureStatus(node, "C-GET", result.status, result.comment)
 
 

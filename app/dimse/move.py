@@ -220,6 +220,8 @@ def _move_blocking(
 
 
 def raise_for_refusal(node: str, result: MoveResult) -> None:
-    """Raise for a move that delivered nothing because the PACS refused it."""
-    if result.category is st.Category.FAILURE and result.progress.completed == 0:
+    """Raise for a move that delivered nothing because the PACS refused it (or
+    cancelled it: when the gateway cancelled, nobody waits for the answer)."""
+    stopped = result.category in (st.Category.FAILURE, st.Category.CANCEL)
+    if stopped and result.progress.completed == 0:
         raise PacsFailureStatus(node, "C-MOVE", result.status, result.comment)

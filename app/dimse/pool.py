@@ -397,15 +397,20 @@ class AssociationPool:
             raise tls_failure
         if assoc.is_rejected:
             primitive = assoc.acceptor.primitive
+            # PS3.8 Table 9-21: result 1 rejected-permanent, 2 rejected-transient.
+            transient = int(getattr(primitive, "result", 0) or 0) == 2
             source = int(getattr(primitive, "result_source", 0) or 0)
             reason = int(getattr(primitive, "diagnostic", 0) or 0)
             text = _REJECT_REASONS.get((source, reason), f"source {source}, reason {reason}")
-            message = (
-                f"association rejected ({text}); check that the PACS knows AE title "
-                f"{self._ae.ae_title!r} and that its AE title is {node.ae_title!r}"
-            )
+            if transient:
+                message = f"association rejected for now ({text}); try again later"
+            else:
+                message = (
+                    f"association rejected ({text}); check that the PACS knows AE title "
+                    f"{self._ae.ae_title!r} and that its AE title is {node.ae_title!r}"
+                )
             self._last_error = message
-            raise AssociationRejected(node.name, message)
+            raise AssociationRejected(node.name, message, transient=transient)
         message = (
             f"cannot open an association to {node.host}:{node.port} "
             f"(connection refused, unreachable or aborted during negotiation)"

@@ -24,6 +24,8 @@ _MEANINGS = {
     0xFF00: "Pending",
     0xFF01: "Pending (optional keys not supported)",
     0xB000: "Warning: sub-operations complete, one or more failures or warnings",
+    0xB006: "Warning: elements discarded",
+    0xB007: "Warning: data set does not match SOP class",
     0xA700: "Refused: out of resources",
     0xA701: "Refused: out of resources, unable to calculate number of matches",
     0xA702: "Refused: out of resources, unable to perform sub-operations",
@@ -56,6 +58,8 @@ def meaning(status: int) -> str:
         return "Failed: unable to process"
     if 0xA700 <= status <= 0xA7FF:
         return "Refused: out of resources"
+    if category(status) is Category.WARNING:
+        return "Warning"
     return "Unknown status"
 
 

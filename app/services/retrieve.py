@@ -39,7 +39,7 @@ from app.dimse.pool import AssociationPool
 from app.dimse.storeproc import Arrival, Expectation, StorageProcess, StorageProcessError
 from app.dimse.storescp import IncomingInstance
 from app.dimse.uidscan import part10_study_series
-from app.errors import AssociationAborted, GatewayError, NotFound, PacsError
+from app.errors import AssociationAborted, GatewayError, NotFound, PacsError, RetrieveIncomplete
 from app.services.expected import expected_count, expected_instances
 
 log = logging.getLogger(__name__)
@@ -607,6 +607,17 @@ def _log_not_arrived(node: PacsNode, fetch: Fetch, result: MoveResult) -> None:
         )
 
 
+def warning_note(fetch: Fetch) -> str | None:
+    """A note for a retrieve that delivered everything but ended with a warning status."""
+    result = fetch.result
+    if result is None or result.category is not st.Category.WARNING:
+        return None
+    return (
+        f"the PACS ended the retrieve with warning status 0x{result.status:04X} "
+        f"({st.meaning(result.status)}); all {len(fetch.arrived)} instances it announced arrived"
+    )
+
+
 Source = list[CachedInstance] | Fetch
 
 
@@ -629,6 +640,10 @@ class Delivery:
         self.problems: list[str] = []
         self.errors: list[GatewayError] = []
         self.complete = True
+        # Set by prepare(): instances are known to be missing (HTTP 206).
+        self.partial = False
+        # Warning statuses of moves that delivered everything (a Warning header, 200).
+        self.notes: list[str] = []
         self._sources: dict[int, Source] = {}
 
     async def _source(self, index: int) -> Source:
@@ -676,10 +691,18 @@ class Delivery:
             fetch.subscribers -= 1
         if fetch.arrived:
             if fetch.done and (fetch.error is not None or fetch.missing):
+                self.partial = True
                 return incomplete_message(fetch)
-            return None
+            return warning_note(fetch) if fetch.done else None
         if fetch.error is not None:
             raise fetch.error
+        if fetch.missing:
+            # The PACS matched instances but delivered none of them: its
+            # failure, not an absence (404 would send the client away).
+            raise RetrieveIncomplete(
+                f"series {self.series[0]} of study {self.study}: {incomplete_message(fetch)}",
+                self.node.name,
+            )
         raise NotFound(
             f"series {self.series[0]} of study {self.study} delivered no instances "
             f"({incomplete_message(fetch)})"
@@ -707,6 +730,9 @@ class Delivery:
                 async for inst in fetch.instances():
                     yield inst
                 fetch.subscribers -= 1
+                note = warning_note(fetch)
+                if note and fetch.error is None and not fetch.missing:
+                    self.notes.append(f"series {series}: {note}")
                 if fetch.error is not None or fetch.missing:
                     self.complete = False
                     self.problems.append(f"series {series}: {incomplete_message(fetch)}")

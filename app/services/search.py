@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from pydicom.dataset import Dataset
@@ -22,7 +23,8 @@ from app.config import PacsNode
 from app.dicomweb.attributes import UNIQUE_KEY, Level, keyword, level_of
 from app.dicomweb.matching import matches as match_one
 from app.dicomweb.query import MatchKey, QidoQuery
-from app.dimse.find import QueryModel, c_find
+from app.dimse import status as st
+from app.dimse.find import FindResult, QueryModel, c_find
 from app.dimse.identifiers import build_identifier
 from app.dimse.pool import AssociationPool
 from app.errors import InvalidRequest
@@ -71,6 +73,9 @@ class Searcher:
         self.profile = node.profile
         self.warnings: list[str] = list(query.warnings)
         self._unjudged: set[str] = set()
+        # Warning statuses the PACS ended C-FINDs with (PS3.4 C.4.1.1.4 has none,
+        # but PACS send them): the answer stands, the client is told.
+        self._pacs_warnings: set[int] = set()
         self._capped = False
         # The target-level C-FIND was cancelled once offset+limit+1 matches arrived.
         self._cut = False
@@ -131,6 +136,11 @@ class Searcher:
         rows = [r for r in rows if self._accept(r.data[q.level], q.level, final=True)]
         rows = await self._filter_below(rows)
         result = SearchResult(warnings=self.warnings)
+        for code in sorted(self._pacs_warnings):
+            result.warnings.append(
+                f"The PACS ended a C-FIND with warning status 0x{code:04X} "
+                f"({st.meaning(code)}); its answers are included as they came."
+            )
         for name in sorted(self._unjudged):
             result.warnings.append(
                 f"The PACS did not return {name}, so results were not filtered on it."
@@ -154,6 +164,18 @@ class Searcher:
                 "max_results); narrow the query to see the rest."
             )
         return result
+
+    async def _find(
+        self,
+        ident: Dataset,
+        *,
+        max_matches: int | None = None,
+        accept: Callable[[Dataset], bool] | None = None,
+    ) -> FindResult:
+        found = await c_find(self.pool, ident, self.model, max_matches=max_matches, accept=accept)
+        if st.category(found.status) is st.Category.WARNING:
+            self._pacs_warnings.add(found.status)
+        return found
 
     async def _expand(self, rows: list[_Row], level: Level, want: int | None) -> list[_Row]:
         """Query *level* under each row; the answers become the new rows."""
@@ -190,7 +212,7 @@ class Searcher:
                 return True
 
             async with self._fanout:
-                found = await c_find(self.pool, ident, self.model, max_matches=cap, accept=accept)
+                found = await self._find(ident, max_matches=cap, accept=accept)
             if found.truncated:
                 if limit is not None and cap == limit:
                     self._cut = True
@@ -309,7 +331,7 @@ class Searcher:
     async def _count_instances(self, parents: list[MatchKey]) -> int:
         ident = build_identifier(Level.IMAGE, parents, {UNIQUE_KEY[Level.IMAGE]})
         async with self._fanout:
-            found = await c_find(self.pool, ident, self.model)
+            found = await self._find(ident)
         return len({_text(ds, UNIQUE_KEY[Level.IMAGE]) for ds in found.matches} - {""})
 
     async def _fill_series(self, row: _Row) -> None:
@@ -324,7 +346,7 @@ class Searcher:
             return_tags.add(_SERIES_INSTANCE_COUNT)
         ident = build_identifier(Level.SERIES, parents, return_tags)
         async with self._fanout:
-            found = await c_find(self.pool, ident, self.model)
+            found = await self._find(ident)
         # Keyed by series UID: some PACS repeat a series once per instance.
         series = {_text(ds, UNIQUE_KEY[Level.SERIES]): ds for ds in found.matches}
         series.pop("", None)
