@@ -59,7 +59,7 @@ from app.dimse.storescp import (
     StorageSCP,
 )
 from app.dimse.tls import server_context
-from app.dimse.uidscan import part10_study_series
+from app.dimse.uidscan import file_study_series
 
 log = logging.getLogger(__name__)
 
@@ -515,7 +515,7 @@ class _ChildSink:
                 os.unlink(path)
             return self._refuse(incoming, STATUS_OUT_OF_RESOURCES, started)
         try:
-            study, series = _study_series(path, incoming.transfer_syntax_uid)
+            study, series = file_study_series(path, incoming.transfer_syntax_uid)
         except (OSError, ValueError) as exc:
             log.error("cannot read back %s: %s", incoming.sop_instance_uid, exc)
             with contextlib.suppress(OSError):
@@ -547,21 +547,6 @@ class _ChildSink:
             )
         )
         return STATUS_SUCCESS
-
-
-def _study_series(path: str, transfer_syntax: str) -> tuple[str, str]:
-    """The UIDs the file itself declares: a header walk, pydicom when it cannot."""
-    with open(path, "rb") as f:
-        head = f.read(65536)
-    found = part10_study_series(head, transfer_syntax)
-    if found is not None:
-        return found
-    from pydicom import dcmread
-
-    ds = dcmread(
-        path, stop_before_pixels=True, specific_tags=["StudyInstanceUID", "SeriesInstanceUID"]
-    )
-    return str(ds.StudyInstanceUID), str(ds.SeriesInstanceUID)
 
 
 def _child_main(fd: int) -> int:

@@ -11,6 +11,7 @@ the caller falls back to pydicom.
 from __future__ import annotations
 
 import contextlib
+import os
 import struct
 
 IMPLICIT_VR_LE = "1.2.840.10008.1.2"
@@ -119,3 +120,20 @@ def _skip_undefined(data: bytes, pos: int, implicit: bool) -> int:
             pos = _walk(data, value, len(data), implicit, {}, top=False)
         else:
             pos = value + length
+
+
+def file_study_series(path: str | os.PathLike[str], transfer_syntax: str) -> tuple[str, str]:
+    """The Study and Series Instance UIDs a just-written Part 10 file declares: the
+    header walk, or pydicom when the walk cannot tell (raises OSError/ValueError
+    when neither can)."""
+    with open(path, "rb") as f:
+        head = f.read(65536)
+    found = part10_study_series(head, transfer_syntax)
+    if found is not None:
+        return found
+    from pydicom import dcmread
+
+    ds = dcmread(
+        path, stop_before_pixels=True, specific_tags=["StudyInstanceUID", "SeriesInstanceUID"]
+    )
+    return str(ds.StudyInstanceUID), str(ds.SeriesInstanceUID)

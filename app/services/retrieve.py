@@ -25,7 +25,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO, Literal
 
-from pydicom import dcmread
 from pydicom.dataset import Dataset
 
 from app.cache import CachedInstance, InstanceCache
@@ -38,7 +37,7 @@ from app.dimse.move import MoveModel, MoveProgress, MoveResult, c_move, raise_fo
 from app.dimse.pool import AssociationPool
 from app.dimse.storeproc import Arrival, Expectation, StorageProcess, StorageProcessError
 from app.dimse.storescp import IncomingInstance
-from app.dimse.uidscan import part10_study_series
+from app.dimse.uidscan import file_study_series
 from app.errors import AssociationAborted, GatewayError, NotFound, PacsError, RetrieveIncomplete
 from app.services.expected import expected_count, expected_instances
 
@@ -512,7 +511,7 @@ class Retriever:
             temp.unlink(missing_ok=True)
             return STATUS_WRITE_FAILED
         try:
-            study, series = _study_series(temp, incoming.transfer_syntax_uid)
+            study, series = file_study_series(temp, incoming.transfer_syntax_uid)
             if not fetch.target.covers(study, series, incoming.sop_instance_uid):
                 log.warning(
                     "refused %s: it belongs to study %s series %s, not to what retrieve %d "
@@ -560,19 +559,6 @@ class _TempFile(io.FileIO):
         super().__init__(temp, "wb")
         self.temp = temp
         self.fetch = fetch
-
-
-def _study_series(path: Path, transfer_syntax: str) -> tuple[str, str]:
-    """The UIDs the file itself declares: a header walk, pydicom when it cannot."""
-    with open(path, "rb") as f:
-        head = f.read(65536)
-    found = part10_study_series(head, transfer_syntax)
-    if found is not None:
-        return found
-    ds = dcmread(
-        path, stop_before_pixels=True, specific_tags=["StudyInstanceUID", "SeriesInstanceUID"]
-    )
-    return str(ds.StudyInstanceUID), str(ds.SeriesInstanceUID)
 
 
 def incomplete_message(fetch: Fetch) -> str:
