@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from typing import Annotated
 
-from fastapi import APIRouter, Query, Request, Response
+from fastapi import APIRouter, Depends, Query, Request, Response
 from fastapi.responses import StreamingResponse
 
 from app.api import openapi
@@ -37,6 +38,38 @@ QualityParam = Annotated[str | None, Query(description=openapi.QUALITY)]
 def _media_type(request: Request) -> RenderedType:
     accept = request.headers.get("accept")
     return RenderedType(negotiate_rendered(accept, request.query_params.getlist("accept")))
+
+
+@dataclass(frozen=True)
+class View:
+    """How a request wants its image: the rendering parameters and the media type."""
+
+    params: RenderParams
+    media_type: RenderedType
+
+
+def _rendered_view(
+    request: Request,
+    window: WindowParam = None,
+    viewport: ViewportParam = None,
+    quality: QualityParam = None,
+) -> View:
+    return View(parse(window, viewport, quality), _media_type(request))
+
+
+def _thumbnail_view(
+    request: Request,
+    window: WindowParam = None,
+    viewport: ViewportParam = None,
+    quality: QualityParam = None,
+) -> View:
+    params = parse(window, viewport, quality, default_viewport=THUMBNAIL_BOX)
+    return View(params, _media_type(request))
+
+
+# Parameters are checked (400 naming the parameter, 406) before anything is fetched.
+RenderedView = Annotated[View, Depends(_rendered_view)]
+ThumbnailView = Annotated[View, Depends(_thumbnail_view)]
 
 
 def _base(request: Request) -> str:
@@ -122,13 +155,10 @@ async def study_rendered(
     request: Request,
     gateway: GatewayDep,
     node: NodeDep,
-    window: WindowParam = None,
-    viewport: ViewportParam = None,
-    quality: QualityParam = None,
+    view: RenderedView,
 ) -> Response:
     _check(study=study)
-    params = parse(window, viewport, quality)
-    media_type = _media_type(request)
+    params, media_type = view.params, view.media_type
     series = await series_of_study(gateway, node, study)
     if not series:
         raise NotFound(f"study {study} was not found on {node.name!r}")
@@ -148,13 +178,10 @@ async def series_rendered(
     request: Request,
     gateway: GatewayDep,
     node: NodeDep,
-    window: WindowParam = None,
-    viewport: ViewportParam = None,
-    quality: QualityParam = None,
+    view: RenderedView,
 ) -> Response:
     _check(study=study, series=series)
-    params = parse(window, viewport, quality)
-    media_type = _media_type(request)
+    params, media_type = view.params, view.media_type
     delivery = Delivery(gateway.retriever, node, study, [series])
     return await _rendered_instances(request, delivery, params, media_type)
 
@@ -169,16 +196,12 @@ async def instance_rendered(
     study: str,
     series: str,
     instance: str,
-    request: Request,
     gateway: GatewayDep,
     node: NodeDep,
-    window: WindowParam = None,
-    viewport: ViewportParam = None,
-    quality: QualityParam = None,
+    view: RenderedView,
 ) -> Response:
     _check(study=study, series=series, instance=instance)
-    params = parse(window, viewport, quality)
-    media_type = _media_type(request)
+    params, media_type = view.params, view.media_type
     inst = await gateway.retriever.instance(node, study, series, instance)
     return _image(await rendering.rendered(inst, 1, params, media_type), media_type)
 
@@ -197,14 +220,11 @@ async def frames_rendered(
     request: Request,
     gateway: GatewayDep,
     node: NodeDep,
-    window: WindowParam = None,
-    viewport: ViewportParam = None,
-    quality: QualityParam = None,
+    view: RenderedView,
 ) -> Response:
     _check(study=study, series=series, instance=instance)
     numbers = frame_numbers(frames)
-    params = parse(window, viewport, quality)
-    media_type = _media_type(request)
+    params, media_type = view.params, view.media_type
     inst = await gateway.retriever.instance(node, study, series, instance)
     images = [await rendering.rendered(inst, n, params, media_type) for n in numbers]
     if len(images) == 1:
@@ -230,16 +250,12 @@ async def frames_rendered(
 )
 async def study_thumbnail(
     study: str,
-    request: Request,
     gateway: GatewayDep,
     node: NodeDep,
-    window: WindowParam = None,
-    viewport: ViewportParam = None,
-    quality: QualityParam = None,
+    view: ThumbnailView,
 ) -> Response:
     _check(study=study)
-    params = parse(window, viewport, quality, default_viewport=THUMBNAIL_BOX)
-    media_type = _media_type(request)
+    params, media_type = view.params, view.media_type
     body = await rendering.study_thumbnail(gateway, node, study, params, media_type)
     return _image(body, media_type)
 
@@ -253,16 +269,12 @@ async def study_thumbnail(
 async def series_thumbnail(
     study: str,
     series: str,
-    request: Request,
     gateway: GatewayDep,
     node: NodeDep,
-    window: WindowParam = None,
-    viewport: ViewportParam = None,
-    quality: QualityParam = None,
+    view: ThumbnailView,
 ) -> Response:
     _check(study=study, series=series)
-    params = parse(window, viewport, quality, default_viewport=THUMBNAIL_BOX)
-    media_type = _media_type(request)
+    params, media_type = view.params, view.media_type
     body = await rendering.series_thumbnail(gateway, node, study, series, params, media_type)
     return _image(body, media_type)
 
@@ -277,16 +289,12 @@ async def instance_thumbnail(
     study: str,
     series: str,
     instance: str,
-    request: Request,
     gateway: GatewayDep,
     node: NodeDep,
-    window: WindowParam = None,
-    viewport: ViewportParam = None,
-    quality: QualityParam = None,
+    view: ThumbnailView,
 ) -> Response:
     _check(study=study, series=series, instance=instance)
-    params = parse(window, viewport, quality, default_viewport=THUMBNAIL_BOX)
-    media_type = _media_type(request)
+    params, media_type = view.params, view.media_type
     inst = await gateway.retriever.instance(node, study, series, instance)
     return _image(await rendering.rendered(inst, 1, params, media_type), media_type)
 
@@ -302,16 +310,12 @@ async def frames_thumbnail(
     series: str,
     instance: str,
     frames: str,
-    request: Request,
     gateway: GatewayDep,
     node: NodeDep,
-    window: WindowParam = None,
-    viewport: ViewportParam = None,
-    quality: QualityParam = None,
+    view: ThumbnailView,
 ) -> Response:
     _check(study=study, series=series, instance=instance)
     number = frame_numbers(frames)[0]
-    params = parse(window, viewport, quality, default_viewport=THUMBNAIL_BOX)
-    media_type = _media_type(request)
+    params, media_type = view.params, view.media_type
     inst = await gateway.retriever.instance(node, study, series, instance)
     return _image(await rendering.rendered(inst, number, params, media_type), media_type)
