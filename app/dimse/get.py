@@ -72,7 +72,7 @@ from pynetdicom.dimse_primitives import C_STORE
 from app.dimse import status as st
 from app.dimse.cancel import CancelWatcher
 from app.dimse.find import QueryModel, c_find
-from app.dimse.move import MoveProgress, MoveResult, read_counts, result_status
+from app.dimse.move import MoveProgress, MoveResult, fold_response, result_status
 from app.dimse.observed_sink import OPERATION as RECEIVED
 from app.dimse.observed_sink import ObservedSink
 from app.dimse.pool import (
@@ -616,20 +616,10 @@ def _exchange(
                     raise DimseTimeout(node, f"C-GET: no answer within {dimse_timeout:g} s")
                 raise AssociationAborted(node, "C-GET: association aborted or lost")
             last = now
-            code = int(rsp.Status)
-            if code not in st.PENDING:
-                progress.remaining = None
-            read_counts(rsp, progress)
-            if code in st.PENDING:
-                if on_progress is not None:
-                    on_progress(progress)
-                if cancel.is_set():
-                    watcher.send()
+            failed = fold_response(rsp, ident, progress, on_progress, cancel, watcher)
+            if failed is None:
                 continue
-            final = rsp
-            if ident is not None and "FailedSOPInstanceUIDList" in ident:
-                value = ident.FailedSOPInstanceUIDList
-                failed_uids = [str(v) for v in (value if isinstance(value, list) else [value])]
+            final, failed_uids = rsp, failed
             break
     if final is None:
         raise AssociationAborted(node, "C-GET ended without a final response")

@@ -81,6 +81,38 @@ def read_counts(rsp: Dataset, into: MoveProgress) -> None:
             setattr(into, attr, int(value))
 
 
+def fold_response(
+    rsp: Dataset,
+    ident: Dataset | None,
+    progress: MoveProgress,
+    on_progress: Callable[[MoveProgress], None] | None,
+    cancel: threading.Event,
+    watcher: CancelWatcher,
+) -> list[str] | None:
+    """Fold one C-MOVE-RSP or C-GET-RSP (with a status) into *progress*.
+
+    None for a pending response (after reporting progress, and sending C-CANCEL
+    if the retrieve was abandoned); for the final one, the Failed SOP Instance
+    UID List of its identifier (PS3.4 C.4.2.1.4, C.4.3.1.4), possibly empty.
+    """
+    code = int(rsp.Status)
+    if code not in st.PENDING:
+        # Counts are optional in the final response (PS3.7 9.1.4.1.8): a
+        # "remaining" left over from the last pending one must not survive.
+        progress.remaining = None
+    read_counts(rsp, progress)
+    if code in st.PENDING:
+        if on_progress is not None:
+            on_progress(progress)
+        if cancel.is_set():
+            watcher.send()
+        return None
+    if ident is None or "FailedSOPInstanceUIDList" not in ident:
+        return []
+    value = ident.FailedSOPInstanceUIDList
+    return [str(v) for v in (value if isinstance(value, list) else [value])]
+
+
 async def c_move(
     pool: AssociationPool,
     identifier: Dataset,
@@ -167,22 +199,10 @@ def _move_blocking(
                     raise lost(node.name, "C-MOVE: association aborted or lost")
                 answered = True
                 last = now
-                code = int(rsp.Status)
-                if code not in st.PENDING:
-                    # Counts are optional in the final response (PS3.7 9.1.4.1.8): a
-                    # "remaining" left over from the last pending one must not survive.
-                    progress.remaining = None
-                read_counts(rsp, progress)
-                if code in st.PENDING:
-                    if on_progress is not None:
-                        on_progress(progress)
-                    if cancel.is_set():
-                        watcher.send()
+                failed = fold_response(rsp, ident, progress, on_progress, cancel, watcher)
+                if failed is None:
                     continue
-                final = rsp
-                if ident is not None and "FailedSOPInstanceUIDList" in ident:
-                    value = ident.FailedSOPInstanceUIDList
-                    failed_uids = [str(v) for v in (value if isinstance(value, list) else [value])]
+                final, failed_uids = rsp, failed
                 break
     except RuntimeError as exc:
         # pynetdicom raises this when the association died before the request.
