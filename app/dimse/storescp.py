@@ -56,7 +56,6 @@ import contextlib
 import errno
 import logging
 import os
-import re
 import socket
 import ssl
 import struct
@@ -69,7 +68,9 @@ from typing import BinaryIO, Final, Protocol
 
 from pydicom.uid import UID
 
+from app.dimse import ul
 from app.dimse.tls import peer_certificate_subject, tls_error_text
+from app.dimse.ul import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
 
 __all__ = [
     "IMPLEMENTATION_CLASS_UID",
@@ -94,15 +95,18 @@ log = logging.getLogger(__name__)
 
 # --------------------------------------------------------------------------- constants
 
-#: Our implementation identification (PS3.7 D.3.3.2), also written into every file meta.
-IMPLEMENTATION_CLASS_UID: Final = "2.25.170694004349033104265090731841606743686"
-IMPLEMENTATION_VERSION_NAME: Final = "DIMSEGW_SCP_1"
 
 VERIFICATION_SOP_CLASS: Final = "1.2.840.10008.1.1"
-_APPLICATION_CONTEXT: Final = "1.2.840.10008.3.1.1.1"  # PS3.7 A.2.1
 _STORAGE_BRANCH: Final = "1.2.840.10008.5.1.4.1.1."  # PS3.4 B.5: Storage SOP Classes
 _NON_STORAGE_BRANCH: Final = "1.2.840.10008.5.1.4."
 _DICOM_ROOT: Final = "1.2.840.10008."
+# PDUs that have no place once the association is established.
+_UNEXPECTED_NOW: Final = (
+    ul.A_ASSOCIATE_RQ,
+    ul.A_ASSOCIATE_AC,
+    ul.A_ASSOCIATE_RJ,
+    ul.A_RELEASE_RP,
+)
 # Registered transfer syntaxes that make no sense on a DIMSE association.
 _NOT_NETWORK_SYNTAXES: Final = frozenset(
     {"1.2.840.10008.1.2.6.1", "1.2.840.10008.1.2.6.2", "1.2.840.10008.1.20"}
@@ -116,43 +120,6 @@ STATUS_NOT_AUTHORIZED: Final = 0x0124
 STATUS_PROCESSING_FAILURE: Final = 0x0110
 STATUS_UNRECOGNIZED_OPERATION: Final = 0x0211
 
-# PDU types (PS3.8 §9.3)
-_A_ASSOCIATE_RQ: Final = 0x01
-_A_ASSOCIATE_AC: Final = 0x02
-_A_ASSOCIATE_RJ: Final = 0x03
-_P_DATA_TF: Final = 0x04
-_A_RELEASE_RQ: Final = 0x05
-_A_RELEASE_RP: Final = 0x06
-_A_ABORT: Final = 0x07
-
-# A-ABORT source/reason (PS3.8 Table 9-26)
-_ABORT_SOURCE_USER: Final = 0
-_ABORT_SOURCE_PROVIDER: Final = 2
-_ABORT_REASON_NOT_SPECIFIED: Final = 0
-_ABORT_UNRECOGNIZED_PDU: Final = 1
-_ABORT_UNEXPECTED_PDU: Final = 2
-_ABORT_INVALID_PARAMETER: Final = 6
-
-# A-ASSOCIATE-RJ result/source/reason (PS3.8 Table 9-21)
-_RJ_PERMANENT: Final = 1
-_RJ_TRANSIENT: Final = 2
-_RJ_SOURCE_USER: Final = 1
-_RJ_SOURCE_ACSE: Final = 2
-_RJ_SOURCE_PRESENTATION: Final = 3
-
-# Presentation context results (PS3.8 Table 9-18)
-_PC_ACCEPTANCE: Final = 0
-_PC_USER_REJECTION: Final = 1
-_PC_ABSTRACT_SYNTAX_NOT_SUPPORTED: Final = 3
-_PC_TRANSFER_SYNTAXES_NOT_SUPPORTED: Final = 4
-
-# DIMSE command fields (PS3.7 Annex E)
-_C_STORE_RQ: Final = 0x0001
-_C_STORE_RSP: Final = 0x8001
-_C_ECHO_RQ: Final = 0x0030
-_C_ECHO_RSP: Final = 0x8030
-_C_CANCEL_RQ: Final = 0x0FFF
-_NO_DATA_SET: Final = 0x0101
 
 # Limits
 _MAX_ASSOCIATE_RQ: Final = 1 << 20  # 128 contexts x many syntaxes fit easily
@@ -161,15 +128,6 @@ _PDU_SLACK: Final = 1 << 16  # tolerated excess over our announced maximum
 _MAX_COMMAND_SET: Final = 1 << 16
 _RECV_BUFFER: Final = 1 << 20
 _LINGER_SECONDS: Final = 2.0
-
-_UID_CHARS = re.compile(r"[0-9.]{1,64}")
-
-_PDU_HEADER = struct.Struct(">BBI")
-_PDV_HEADER = struct.Struct(">IBB")
-_ITEM_HEADER = struct.Struct(">BBH")
-_ELEMENT_HEADER = struct.Struct("<HHI")
-_US = struct.Struct("<H")
-_UL = struct.Struct("<I")
 
 
 # --------------------------------------------------------------------------- public API
@@ -280,7 +238,7 @@ def is_storage_sop_class(uid: str) -> bool:
     if uid == VERIFICATION_SOP_CLASS:
         return True
     if not uid.startswith(_DICOM_ROOT):
-        return bool(_UID_CHARS.fullmatch(uid))
+        return bool(ul.UID_CHARS.fullmatch(uid))
     registered = UID(uid)
     is_registered = registered.type == "SOP Class"
     if uid.startswith(_STORAGE_BRANCH):
@@ -292,16 +250,6 @@ def is_storage_sop_class(uid: str) -> bool:
 
 def _is_storable_transfer_syntax(uid: str) -> bool:
     return uid not in _NOT_NETWORK_SYNTAXES and UID(uid).type == "Transfer Syntax"
-
-
-def _pad_uid(uid: str) -> bytes:
-    raw = uid.encode("ascii")
-    return raw + b"\x00" if len(raw) % 2 else raw
-
-
-def _pad_text(text: str) -> bytes:
-    raw = text.encode("latin-1", "replace")
-    return raw + b" " if len(raw) % 2 else raw
 
 
 def _explicit_element(tag_elem: int, vr: bytes, value: bytes) -> bytes:
@@ -321,45 +269,20 @@ def part10_header(
     ``source_ae`` becomes (0002,0016) Source Application Entity Title."""
     elements = [
         _explicit_element(0x0001, b"OB", b"\x00\x01"),
-        _explicit_element(0x0002, b"UI", _pad_uid(sop_class_uid)),
-        _explicit_element(0x0003, b"UI", _pad_uid(sop_instance_uid)),
-        _explicit_element(0x0010, b"UI", _pad_uid(transfer_syntax_uid)),
-        _explicit_element(0x0012, b"UI", _pad_uid(IMPLEMENTATION_CLASS_UID)),
-        _explicit_element(0x0013, b"SH", _pad_text(IMPLEMENTATION_VERSION_NAME)),
+        _explicit_element(0x0002, b"UI", ul.pad_uid(sop_class_uid)),
+        _explicit_element(0x0003, b"UI", ul.pad_uid(sop_instance_uid)),
+        _explicit_element(0x0010, b"UI", ul.pad_uid(transfer_syntax_uid)),
+        _explicit_element(0x0012, b"UI", ul.pad_uid(IMPLEMENTATION_CLASS_UID)),
+        _explicit_element(0x0013, b"SH", ul.pad_text(IMPLEMENTATION_VERSION_NAME)),
     ]
     if source_ae:
-        elements.append(_explicit_element(0x0016, b"AE", _pad_text(source_ae)))
+        elements.append(_explicit_element(0x0016, b"AE", ul.pad_text(source_ae)))
     group = b"".join(elements)
-    length = _explicit_element(0x0000, b"UL", _UL.pack(len(group)))
+    length = _explicit_element(0x0000, b"UL", ul.UL.pack(len(group)))
     return b"\x00" * 128 + b"DICM" + length + group
 
 
 # --------------------------------------------------------------------------- PDU encoding
-
-
-def _item(item_type: int, value: bytes) -> bytes:
-    return _ITEM_HEADER.pack(item_type, 0, len(value)) + value
-
-
-def _pdu(pdu_type: int, body: bytes) -> bytes:
-    return _PDU_HEADER.pack(pdu_type, 0, len(body)) + body
-
-
-def _a_associate_rj(result: int, source: int, reason: int) -> bytes:
-    return _pdu(_A_ASSOCIATE_RJ, bytes((0, result, source, reason)))
-
-
-def _a_abort(source: int, reason: int) -> bytes:
-    return _pdu(_A_ABORT, bytes((0, 0, source, reason)))
-
-
-_A_RELEASE_RP_PDU: Final = _pdu(_A_RELEASE_RP, b"\x00\x00\x00\x00")
-
-
-def _encode_command(elements: Sequence[tuple[int, bytes]]) -> bytes:
-    """An Implicit VR Little Endian group 0000 command set with its group length."""
-    body = b"".join(_ELEMENT_HEADER.pack(0, elem, len(value)) + value for elem, value in elements)
-    return _ELEMENT_HEADER.pack(0, 0x0000, 4) + _UL.pack(len(body)) + body
 
 
 def _response(
@@ -372,27 +295,19 @@ def _response(
     """A DIMSE-C response command set (PS3.7 §9.3), elements in ascending tag order."""
     elements: list[tuple[int, bytes]] = []
     if sop_class_uid:
-        elements.append((0x0002, _pad_uid(sop_class_uid)))
+        elements.append((0x0002, ul.pad_uid(sop_class_uid)))
     elements += [
-        (0x0100, _US.pack(command_field)),
-        (0x0120, _US.pack(message_id)),
-        (0x0800, _US.pack(_NO_DATA_SET)),
-        (0x0900, _US.pack(status)),
+        (0x0100, ul.US.pack(command_field)),
+        (0x0120, ul.US.pack(message_id)),
+        (0x0800, ul.US.pack(ul.NO_DATA_SET)),
+        (0x0900, ul.US.pack(status)),
     ]
     if sop_instance_uid:
-        elements.append((0x1000, _pad_uid(sop_instance_uid)))
-    return _encode_command(elements)
+        elements.append((0x1000, ul.pad_uid(sop_instance_uid)))
+    return ul.encode_command(elements)
 
 
 # --------------------------------------------------------------------------- PDU decoding
-
-
-class _ProtocolError(Exception):
-    """The peer broke PS3.8/PS3.7: answer with an A-ABORT carrying ``reason``."""
-
-    def __init__(self, message: str, reason: int = _ABORT_INVALID_PARAMETER) -> None:
-        super().__init__(message)
-        self.reason = reason
 
 
 class _PeerGone(Exception):
@@ -401,33 +316,6 @@ class _PeerGone(Exception):
 
 class _TimedOut(_PeerGone):
     """The peer was silent for longer than the time-out: we abort (PS3.8 §9.1.5)."""
-
-
-def _uid(raw: bytes | memoryview) -> str:
-    try:
-        return bytes(raw).decode("ascii").rstrip("\x00 ").lstrip(" ")
-    except UnicodeDecodeError:
-        raise _ProtocolError("non-ASCII UID in a PDU item") from None
-
-
-def _ae(raw: bytes) -> str:
-    return raw.decode("latin-1").strip(" \x00")
-
-
-def _items(data: bytes, start: int, end: int) -> list[tuple[int, bytes]]:
-    """Split a run of ``type, reserved, length(2), value`` items."""
-    items = []
-    pos = start
-    while pos < end:
-        if pos + 4 > end:
-            raise _ProtocolError("truncated PDU item header")
-        item_type, _, length = _ITEM_HEADER.unpack_from(data, pos)
-        pos += 4
-        if pos + length > end:
-            raise _ProtocolError(f"PDU item 0x{item_type:02X} overruns its PDU")
-        items.append((item_type, data[pos : pos + length]))
-        pos += length
-    return items
 
 
 @dataclass
@@ -455,27 +343,27 @@ class _AssociateRequest:
 
 def _parse_associate_rq(body: bytes) -> _AssociateRequest:
     if len(body) < 68:
-        raise _ProtocolError("A-ASSOCIATE-RQ shorter than its fixed fields")
+        raise ul.ProtocolError("A-ASSOCIATE-RQ shorter than its fixed fields")
     (version,) = struct.unpack_from(">H", body, 0)
     rq = _AssociateRequest(
         header_echo=body[4:68],
         protocol_version=version,
-        called_ae=_ae(body[4:20]),
-        calling_ae=_ae(body[20:36]),
+        called_ae=ul.ae(body[4:20]),
+        calling_ae=ul.ae(body[20:36]),
         application_context="",
     )
-    for item_type, value in _items(body, 68, len(body)):
+    for item_type, value in ul.items(body, 68, len(body)):
         if item_type == 0x10:
-            rq.application_context = _uid(value)
+            rq.application_context = ul.uid(value)
         elif item_type == 0x20:
             if len(value) < 4:
-                raise _ProtocolError("presentation context item too short")
+                raise ul.ProtocolError("presentation context item too short")
             context = _ProposedContext(value[0], "", [])
-            for sub_type, sub_value in _items(value, 4, len(value)):
+            for sub_type, sub_value in ul.items(value, 4, len(value)):
                 if sub_type == 0x30:
-                    context.abstract_syntax = _uid(sub_value)
+                    context.abstract_syntax = ul.uid(sub_value)
                 elif sub_type == 0x40:
-                    context.transfer_syntaxes.append(_uid(sub_value))
+                    context.transfer_syntaxes.append(ul.uid(sub_value))
             rq.contexts.append(context)
         elif item_type == 0x50:
             _parse_user_information(value, rq)
@@ -484,65 +372,26 @@ def _parse_associate_rq(body: bytes) -> _AssociateRequest:
 
 
 def _parse_user_information(value: bytes, rq: _AssociateRequest) -> None:
-    for sub_type, sub_value in _items(value, 0, len(value)):
+    for sub_type, sub_value in ul.items(value, 0, len(value)):
         if sub_type == 0x51:
             if len(sub_value) != 4:
-                raise _ProtocolError("maximum length sub-item is not 4 bytes")
+                raise ul.ProtocolError("maximum length sub-item is not 4 bytes")
             (rq.max_pdu,) = struct.unpack(">I", sub_value)
         elif sub_type == 0x52:
-            rq.implementation_class_uid = _uid(sub_value)
+            rq.implementation_class_uid = ul.uid(sub_value)
         elif sub_type == 0x55:
-            rq.implementation_version_name = _ae(sub_value)
+            rq.implementation_version_name = ul.ae(sub_value)
         elif sub_type == 0x54:
             # PS3.7 D.3.3.4: UID length, UID, SCU role, SCP role
             if len(sub_value) < 4:
-                raise _ProtocolError("role selection sub-item too short")
+                raise ul.ProtocolError("role selection sub-item too short")
             (uid_length,) = struct.unpack_from(">H", sub_value, 0)
             if len(sub_value) != 2 + uid_length + 2:
-                raise _ProtocolError("role selection sub-item has a wrong UID length")
-            uid = _uid(sub_value[2 : 2 + uid_length])
+                raise ul.ProtocolError("role selection sub-item has a wrong UID length")
+            uid = ul.uid(sub_value[2 : 2 + uid_length])
             rq.roles[uid] = (sub_value[2 + uid_length], sub_value[3 + uid_length])
         # 0x53 asynchronous operations, 0x56/0x57 extended negotiation and 0x58 user
         # identity are not supported: no reply item (PS3.7 D.3.3.3, D.3.3.5-7).
-
-
-def _parse_command(data: bytes) -> dict[int, bytes]:
-    """The elements of an Implicit VR Little Endian command set (PS3.7 §6.3.1)."""
-    elements: dict[int, bytes] = {}
-    pos, end = 0, len(data)
-    while pos < end:
-        if pos + 8 > end:
-            raise _ProtocolError("truncated command set element")
-        group, elem, length = _ELEMENT_HEADER.unpack_from(data, pos)
-        pos += 8
-        if length > end - pos:
-            raise _ProtocolError("command set element overruns the command set")
-        if group == 0x0000:
-            elements[elem] = data[pos : pos + length]
-        pos += length
-    return elements
-
-
-def _us(elements: dict[int, bytes], elem: int) -> int | None:
-    raw = elements.get(elem)
-    if raw is None or len(raw) == 0:
-        return None
-    if len(raw) != 2:
-        raise _ProtocolError(f"command element (0000,{elem:04X}) is not a US value")
-    value: int = _US.unpack(raw)[0]
-    return value
-
-
-def _valid_uid(value: str | None) -> str | None:
-    """``value`` if it has the form of a UID (digits and dots, at most 64), else None."""
-    return value if value and _UID_CHARS.fullmatch(value) else None
-
-
-def _text(elements: dict[int, bytes], elem: int) -> str | None:
-    raw = elements.get(elem)
-    if raw is None:
-        return None
-    return raw.decode("latin-1").strip(" \x00") or None
 
 
 # --------------------------------------------------------------------------- association
@@ -634,14 +483,14 @@ class _Association:
                 return
             if self._negotiate():
                 self._transfer()
-        except _ProtocolError as exc:
+        except ul.ProtocolError as exc:
             log.warning(
                 "storage SCP: protocol error from %s (%s): %s; aborting",
                 self.calling_ae or "?",
                 self.peer_address,
                 exc,
             )
-            self._send_abort(_ABORT_SOURCE_PROVIDER, exc.reason)
+            self._send_abort(ul.ABORT_SOURCE_PROVIDER, exc.reason)
             self._linger()
         except _TimedOut as exc:
             log.warning(
@@ -650,7 +499,7 @@ class _Association:
                 self.peer_address,
                 exc,
             )
-            self._send_abort(_ABORT_SOURCE_PROVIDER, _ABORT_REASON_NOT_SPECIFIED)
+            self._send_abort(ul.ABORT_SOURCE_PROVIDER, ul.ABORT_REASON_NOT_SPECIFIED)
         except _PeerGone as exc:
             if not self._stopping:
                 log.warning(
@@ -665,7 +514,7 @@ class _Association:
                 self.calling_ae or "?",
                 self.peer_address,
             )
-            self._send_abort(_ABORT_SOURCE_PROVIDER, _ABORT_REASON_NOT_SPECIFIED)
+            self._send_abort(ul.ABORT_SOURCE_PROVIDER, ul.ABORT_REASON_NOT_SPECIFIED)
         finally:
             self._fail_open_instance()
             with contextlib.suppress(OSError):
@@ -720,7 +569,7 @@ class _Association:
         # Do not wait behind a send stuck on a peer that does not read.
         if self.established and self._send_lock.acquire(timeout=1.0):
             try:
-                self.sock.sendall(_a_abort(_ABORT_SOURCE_USER, _ABORT_REASON_NOT_SPECIFIED))
+                self.sock.sendall(ul.a_abort(ul.ABORT_SOURCE_USER, ul.ABORT_REASON_NOT_SPECIFIED))
             except OSError:
                 pass
             finally:
@@ -784,7 +633,7 @@ class _Association:
 
     def _read_pdu_header(self) -> tuple[int, int]:
         self._fill(6)
-        pdu_type, _, length = _PDU_HEADER.unpack_from(self._buf, self._pos)
+        pdu_type, _, length = ul.PDU_HEADER.unpack_from(self._buf, self._pos)
         self._pos += 6
         return pdu_type, length
 
@@ -801,7 +650,7 @@ class _Association:
 
     def _send_abort(self, source: int, reason: int) -> None:
         with contextlib.suppress(_PeerGone):
-            self._send(_a_abort(source, reason))
+            self._send(ul.a_abort(source, reason))
 
     def _linger(self) -> None:
         """Wait briefly for the peer to close, so that our last PDU is not lost to a
@@ -821,8 +670,8 @@ class _Association:
         for start in range(0, len(command), room):
             fragment = command[start : start + room]
             last = start + room >= len(command)
-            pdv = _PDV_HEADER.pack(len(fragment) + 2, context_id, 0x03 if last else 0x01)
-            pdus.append(_pdu(_P_DATA_TF, pdv + fragment))
+            pdv = ul.PDV_HEADER.pack(len(fragment) + 2, context_id, 0x03 if last else 0x01)
+            pdus.append(ul.pdu(ul.P_DATA_TF, pdv + fragment))
         self._send(b"".join(pdus))
 
     # ------------------------------------------------------------------ association set-up
@@ -832,23 +681,23 @@ class _Association:
         scp = self.scp
         self._deadline = time.monotonic() + scp.acse_timeout
         pdu_type, length = self._read_pdu_header()
-        if pdu_type == _A_ABORT:
+        if pdu_type == ul.A_ABORT:
             raise _PeerGone("A-ABORT before association")
         if pdu_type not in (
-            _A_ASSOCIATE_RQ,
-            _A_ASSOCIATE_AC,
-            _A_ASSOCIATE_RJ,
-            _P_DATA_TF,
-            _A_RELEASE_RQ,
-            _A_RELEASE_RP,
+            ul.A_ASSOCIATE_RQ,
+            ul.A_ASSOCIATE_AC,
+            ul.A_ASSOCIATE_RJ,
+            ul.P_DATA_TF,
+            ul.A_RELEASE_RQ,
+            ul.A_RELEASE_RP,
         ):
-            raise _ProtocolError(f"unknown PDU type 0x{pdu_type:02X}", _ABORT_UNRECOGNIZED_PDU)
-        if pdu_type != _A_ASSOCIATE_RQ:
-            raise _ProtocolError(
-                f"PDU type 0x{pdu_type:02X} before A-ASSOCIATE-RQ", _ABORT_UNEXPECTED_PDU
+            raise ul.ProtocolError(f"unknown PDU type 0x{pdu_type:02X}", ul.ABORT_UNRECOGNIZED_PDU)
+        if pdu_type != ul.A_ASSOCIATE_RQ:
+            raise ul.ProtocolError(
+                f"PDU type 0x{pdu_type:02X} before A-ASSOCIATE-RQ", ul.ABORT_UNEXPECTED_PDU
             )
         if length > _MAX_ASSOCIATE_RQ:
-            raise _ProtocolError(f"A-ASSOCIATE-RQ of {length} bytes")
+            raise ul.ProtocolError(f"A-ASSOCIATE-RQ of {length} bytes")
         body = self._read_bytes(length)
         self._deadline = None
         self.sock.settimeout(scp.acse_timeout)
@@ -864,7 +713,7 @@ class _Association:
                 rq.called_ae,
                 why,
             )
-            self._send(_a_associate_rj(result, source, reason))
+            self._send(ul.a_associate_rj(result, source, reason))
             self._linger()
             return False
         self._send(self._accept(rq))
@@ -875,59 +724,59 @@ class _Association:
     def _check_request(self, rq: _AssociateRequest) -> tuple[int, int, int, str] | None:
         scp = self.scp
         if not rq.protocol_version & 0x0001:
-            return (_RJ_PERMANENT, _RJ_SOURCE_ACSE, 2, "protocol version not supported")
-        if rq.application_context != _APPLICATION_CONTEXT:
+            return (ul.RJ_PERMANENT, ul.RJ_SOURCE_ACSE, 2, "protocol version not supported")
+        if rq.application_context != ul.APPLICATION_CONTEXT:
             return (
-                _RJ_PERMANENT,
-                _RJ_SOURCE_USER,
+                ul.RJ_PERMANENT,
+                ul.RJ_SOURCE_USER,
                 2,
                 f"application context {rq.application_context!r} not supported",
             )
         if rq.called_ae != scp.ae_title:
-            return (_RJ_PERMANENT, _RJ_SOURCE_USER, 7, "called AE title not recognized")
+            return (ul.RJ_PERMANENT, ul.RJ_SOURCE_USER, 7, "called AE title not recognized")
         try:
             allowed = scp.allow(rq.calling_ae, self.peer_address)
         except Exception:
             log.exception("storage SCP: allow() raised; refusing the association")
             allowed = False
         if not allowed:
-            return (_RJ_PERMANENT, _RJ_SOURCE_USER, 3, "calling AE title not recognized")
+            return (ul.RJ_PERMANENT, ul.RJ_SOURCE_USER, 3, "calling AE title not recognized")
         if scp.active_associations > scp.max_associations:
-            return (_RJ_TRANSIENT, _RJ_SOURCE_PRESENTATION, 2, "local limit exceeded")
+            return (ul.RJ_TRANSIENT, ul.RJ_SOURCE_PRESENTATION, 2, "local limit exceeded")
         return None
 
     def _accept(self, rq: _AssociateRequest) -> bytes:
         """Negotiate every presentation context and build the A-ASSOCIATE-AC."""
         scp = self.scp
         self._peer_max_pdu = rq.max_pdu
-        items = [_item(0x10, _APPLICATION_CONTEXT.encode("ascii"))]
+        items = [ul.item(0x10, ul.APPLICATION_CONTEXT.encode("ascii"))]
         accepted_classes: set[str] = set()
         for context in rq.contexts:
             result, syntax = self._negotiate_context(context, rq.roles)
-            if result == _PC_ACCEPTANCE:
+            if result == ul.PC_ACCEPTANCE:
                 self._contexts[context.context_id] = (context.abstract_syntax, syntax)
                 accepted_classes.add(context.abstract_syntax)
             # The transfer syntax sub-item of a rejected context is not significant.
             reply_syntax = syntax or (context.transfer_syntaxes or ["1.2.840.10008.1.2"])[0]
             items.append(
-                _item(
+                ul.item(
                     0x21,
                     bytes((context.context_id, 0, result, 0))
-                    + _item(0x40, reply_syntax.encode("ascii")),
+                    + ul.item(0x40, reply_syntax.encode("ascii")),
                 )
             )
         user = [
-            _item(0x51, struct.pack(">I", scp.max_pdu)),
-            _item(0x52, IMPLEMENTATION_CLASS_UID.encode("ascii")),
-            _item(0x55, IMPLEMENTATION_VERSION_NAME.encode("ascii")),
+            ul.item(0x51, struct.pack(">I", scp.max_pdu)),
+            ul.item(0x52, IMPLEMENTATION_CLASS_UID.encode("ascii")),
+            ul.item(0x55, IMPLEMENTATION_VERSION_NAME.encode("ascii")),
         ]
         for uid, (scu_role, _scp_role) in rq.roles.items():
             # PS3.7 D.3.3.4: the requestor may be SCU (it sends C-STOREs); we never
             # take the SCU role of a storage class ourselves, so its SCP role is 0.
             if uid in accepted_classes:
                 raw = uid.encode("ascii")
-                user.append(_item(0x54, struct.pack(">H", len(raw)) + raw + bytes((scu_role, 0))))
-        items.append(_item(0x50, b"".join(user)))
+                user.append(ul.item(0x54, struct.pack(">H", len(raw)) + raw + bytes((scu_role, 0))))
+        items.append(ul.item(0x50, b"".join(user)))
         log.info(
             "storage SCP: association from %s (%s) accepted: %d of %d presentation "
             "contexts, peer max PDU %d, implementation %s %s",
@@ -940,21 +789,21 @@ class _Association:
             rq.implementation_version_name,
         )
         body = struct.pack(">HH", 0x0001, 0) + rq.header_echo + b"".join(items)
-        return _pdu(_A_ASSOCIATE_AC, body)
+        return ul.pdu(ul.A_ASSOCIATE_AC, body)
 
     def _negotiate_context(
         self, context: _ProposedContext, roles: dict[str, tuple[int, int]]
     ) -> tuple[int, str]:
         if not context.abstract_syntax or not is_storage_sop_class(context.abstract_syntax):
-            return _PC_ABSTRACT_SYNTAX_NOT_SUPPORTED, ""
+            return ul.PC_ABSTRACT_SYNTAX_NOT_SUPPORTED, ""
         role = roles.get(context.abstract_syntax)
         if role is not None and not role[0]:
             # The requestor refuses the SCU role: it could not send us anything here.
-            return _PC_USER_REJECTION, ""
+            return ul.PC_USER_REJECTION, ""
         syntax = self._choose_transfer_syntax(context.transfer_syntaxes)
         if syntax is None:
-            return _PC_TRANSFER_SYNTAXES_NOT_SUPPORTED, ""
-        return _PC_ACCEPTANCE, syntax
+            return ul.PC_TRANSFER_SYNTAXES_NOT_SUPPORTED, ""
+        return ul.PC_ACCEPTANCE, syntax
 
     def _choose_transfer_syntax(self, proposed: Sequence[str]) -> str | None:
         preferred = self.scp.transfer_syntaxes
@@ -973,31 +822,33 @@ class _Association:
         command_context = 0
         while True:
             pdu_type, length = self._read_pdu_header()
-            if pdu_type == _P_DATA_TF:
+            if pdu_type == ul.P_DATA_TF:
                 if length > max_pdu:
-                    raise _ProtocolError(
+                    raise ul.ProtocolError(
                         f"P-DATA-TF of {length} bytes exceeds our maximum {self.scp.max_pdu}"
                     )
                 remaining = length
                 while remaining:
                     if remaining < 6:
-                        raise _ProtocolError("truncated PDV item")
+                        raise ul.ProtocolError("truncated PDV item")
                     self._fill(6)
-                    item_length, context_id, header = _PDV_HEADER.unpack_from(self._buf, self._pos)
+                    item_length, context_id, header = ul.PDV_HEADER.unpack_from(
+                        self._buf, self._pos
+                    )
                     self._pos += 6
                     if item_length < 2 or item_length + 4 > remaining:
-                        raise _ProtocolError("PDV item length inconsistent with its PDU")
+                        raise ul.ProtocolError("PDV item length inconsistent with its PDU")
                     remaining -= item_length + 4
                     n = item_length - 2
                     if context_id not in self._contexts:
-                        raise _ProtocolError(f"PDV on presentation context {context_id}")
+                        raise ul.ProtocolError(f"PDV on presentation context {context_id}")
                     if header & 0x01:  # command fragment
                         if self._instance is not None:
-                            raise _ProtocolError("command fragment inside a data set")
+                            raise ul.ProtocolError("command fragment inside a data set")
                         if command and context_id != command_context:
-                            raise _ProtocolError("command fragments on two contexts")
+                            raise ul.ProtocolError("command fragments on two contexts")
                         if len(command) + n > _MAX_COMMAND_SET:
-                            raise _ProtocolError("command set too large")
+                            raise ul.ProtocolError("command set too large")
                         command_context = context_id
                         self._stream(n, command.extend)
                         if header & 0x02:
@@ -1007,14 +858,14 @@ class _Association:
                     else:  # data set fragment
                         instance = self._instance
                         if instance is None:
-                            raise _ProtocolError("data set fragment without a command")
+                            raise ul.ProtocolError("data set fragment without a command")
                         if context_id != instance.context_id:
-                            raise _ProtocolError("data set on another context than its command")
+                            raise ul.ProtocolError("data set on another context than its command")
                         self._stream(n, instance.write)
                         if header & 0x02:
                             self._instance = None
                             self._finish(instance)
-            elif pdu_type == _A_RELEASE_RQ:
+            elif pdu_type == ul.A_RELEASE_RQ:
                 self._skip_small(length)
                 if self._instance is not None:
                     log.warning(
@@ -1023,41 +874,50 @@ class _Association:
                         self.peer_address,
                     )
                     self._fail_open_instance()
-                self._send(_A_RELEASE_RP_PDU)
+                self._send(ul.A_RELEASE_RP_PDU)
                 self._linger()
                 return
-            elif pdu_type == _A_ABORT:
+            elif pdu_type == ul.A_ABORT:
                 self._skip_small(length)
                 raise _PeerGone("A-ABORT from the peer")
-            elif pdu_type in (_A_ASSOCIATE_RQ, _A_ASSOCIATE_AC, _A_ASSOCIATE_RJ, _A_RELEASE_RP):
-                raise _ProtocolError(f"unexpected PDU type 0x{pdu_type:02X}", _ABORT_UNEXPECTED_PDU)
+            elif pdu_type in (
+                ul.A_ASSOCIATE_RQ,
+                ul.A_ASSOCIATE_AC,
+                ul.A_ASSOCIATE_RJ,
+                ul.A_RELEASE_RP,
+            ):
+                raise ul.ProtocolError(
+                    f"unexpected PDU type 0x{pdu_type:02X}", ul.ABORT_UNEXPECTED_PDU
+                )
             else:
-                raise _ProtocolError(f"unknown PDU type 0x{pdu_type:02X}", _ABORT_UNRECOGNIZED_PDU)
+                raise ul.ProtocolError(
+                    f"unknown PDU type 0x{pdu_type:02X}", ul.ABORT_UNRECOGNIZED_PDU
+                )
 
     def _skip_small(self, length: int) -> None:
         if length > _MAX_SMALL_PDU:
-            raise _ProtocolError(f"release/abort PDU of {length} bytes")
+            raise ul.ProtocolError(f"release/abort PDU of {length} bytes")
         self._stream(length, lambda _chunk: None)
 
     # ------------------------------------------------------------------ DIMSE
 
     def _on_command(self, context_id: int, data: bytes) -> None:
-        elements = _parse_command(data)
-        command_field = _us(elements, 0x0100)
-        message_id = _us(elements, 0x0110)
-        data_set_type = _us(elements, 0x0800)
+        elements = ul.parse_command(data)
+        command_field = ul.us(elements, 0x0100)
+        message_id = ul.us(elements, 0x0110)
+        data_set_type = ul.us(elements, 0x0800)
         if command_field is None or data_set_type is None:
-            raise _ProtocolError("command set without Command Field or Command Data Set Type")
-        has_data_set = data_set_type != _NO_DATA_SET
-        if command_field == _C_STORE_RQ and message_id is not None:
+            raise ul.ProtocolError("command set without Command Field or Command Data Set Type")
+        has_data_set = data_set_type != ul.NO_DATA_SET
+        if command_field == ul.C_STORE_RQ and message_id is not None:
             self._begin_store(context_id, message_id, elements, has_data_set)
-        elif command_field == _C_ECHO_RQ and message_id is not None and not has_data_set:
+        elif command_field == ul.C_ECHO_RQ and message_id is not None and not has_data_set:
             log.debug("storage SCP: C-ECHO from %s", self.calling_ae)
             self._send_command(
                 context_id,
-                _response(_C_ECHO_RSP, message_id, STATUS_SUCCESS, VERIFICATION_SOP_CLASS, None),
+                _response(ul.C_ECHO_RSP, message_id, STATUS_SUCCESS, VERIFICATION_SOP_CLASS, None),
             )
-        elif command_field == _C_CANCEL_RQ or command_field & 0x8000:
+        elif command_field == ul.C_CANCEL_RQ or command_field & 0x8000:
             log.warning(
                 "storage SCP: ignoring command 0x%04X from %s", command_field, self.calling_ae
             )
@@ -1071,7 +931,7 @@ class _Association:
                 command_field | 0x8000,
                 message_id or 0,
                 STATUS_UNRECOGNIZED_OPERATION,
-                _valid_uid(_text(elements, 0x0002)),
+                ul.valid_uid(ul.text(elements, 0x0002)),
                 None,
             )
             self._answer_after_data_set(context_id, has_data_set, reply)
@@ -1086,8 +946,8 @@ class _Association:
     def _begin_store(
         self, context_id: int, message_id: int, elements: dict[int, bytes], has_data_set: bool
     ) -> None:
-        sop_class = _valid_uid(_text(elements, 0x0002))
-        sop_instance = _valid_uid(_text(elements, 0x1000))
+        sop_class = ul.valid_uid(ul.text(elements, 0x0002))
+        sop_instance = ul.valid_uid(ul.text(elements, 0x1000))
         if not (has_data_set and sop_class and sop_instance):
             # No data set, or not UIDs (which we could neither name a file after
             # nor trust in a path): "cannot understand".
@@ -1095,7 +955,7 @@ class _Association:
                 "storage SCP: C-STORE-RQ from %s without data set or valid UIDs", self.calling_ae
             )
             reply = _response(
-                _C_STORE_RSP, message_id, STATUS_CANNOT_UNDERSTAND, sop_class, sop_instance
+                ul.C_STORE_RSP, message_id, STATUS_CANNOT_UNDERSTAND, sop_class, sop_instance
             )
             self._answer_after_data_set(context_id, has_data_set, reply)
             return
@@ -1106,8 +966,8 @@ class _Association:
             sop_class_uid=sop_class,
             sop_instance_uid=sop_instance,
             transfer_syntax_uid=self._contexts[context_id][1],
-            move_originator_ae=_text(elements, 0x1030),
-            move_originator_message_id=_us(elements, 0x1031),
+            move_originator_ae=ul.text(elements, 0x1030),
+            move_originator_message_id=ul.us(elements, 0x1031),
         )
         file, status = self._open_sink(incoming)
         self._instance = _Instance(context_id, message_id, incoming, file, status)
@@ -1190,7 +1050,7 @@ class _Association:
         self._send_command(
             instance.context_id,
             _response(
-                _C_STORE_RSP,
+                ul.C_STORE_RSP,
                 instance.message_id,
                 status,
                 instance.incoming.sop_class_uid,
