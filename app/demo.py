@@ -50,7 +50,7 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import UID, ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE, evt
 
-from app.dimse.pool import quiesce_reactor
+from app.dimse.pynetdicom_fixes import quiesce_reactor
 from app.sampledata import write_sample_studies
 
 __all__ = [

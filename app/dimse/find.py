@@ -14,7 +14,17 @@ from enum import StrEnum
 from pydicom.dataset import Dataset
 
 from app.dimse import status as st
-from app.dimse.pool import AssociationPool, Lease, quiesce_reactor
+from app.dimse import ul
+from app.dimse.pool import AssociationPool, Lease
+from app.dimse.requestor import (
+    Lost,
+    Message,
+    Silent,
+    command,
+    decode_identifier,
+    encode_identifier,
+    us,
+)
 from app.errors import AssociationAborted, DimseTimeout, PacsError, PacsFailureStatus
 
 log = logging.getLogger(__name__)
@@ -109,59 +119,72 @@ def _find_blocking(
     cancel: threading.Event,
 ) -> FindResult:
     node = pool.node
+    assoc = lease.assoc
     result = FindResult()
-    started = last = time.monotonic()
-    msg_id = lease.next_message_id()
-    cancel_sent = False
-    failure: PacsFailureStatus | None = None
-    if not any(str(cx.abstract_syntax) == model.value for cx in lease.assoc.accepted_contexts):
+    started = time.monotonic()
+    context = assoc.context_for(model.value)
+    if context is None:
         # Refused in negotiation (a PACS that only moves): nothing was sent, the
         # association stays good for what the PACS does accept.
         raise PacsError(node.name, f"the PACS accepted no {model.name} C-FIND context")
-    if not quiesce_reactor(lease.assoc):
-        lease.reusable = False
-        raise AssociationAborted(node.name, "association not responsive")
+    msg_id = lease.next_message_id()
+    cancel_sent = False
+    failure: PacsFailureStatus | None = None
+
+    def send_cancel() -> None:
+        nonlocal cancel_sent
+        if not cancel_sent:
+            # Keep reading afterwards: the PACS ends with FE00 (or its final
+            # status), and the association stays usable.
+            assoc.send_cancel(context, msg_id)
+            cancel_sent = True
+            result.truncated = True
+
     try:
-        responses = lease.assoc.send_c_find(identifier, str(model), msg_id=msg_id)
-        for status, ident in responses:
-            now = time.monotonic()
-            if not status or "Status" not in status:
-                lease.reusable = False
-                _raise_lost(pool, "C-FIND", now - last)
-            last = now
-            code = int(status.Status)
+        assoc.send(
+            context,
+            command(
+                [
+                    (ul.AFFECTED_SOP_CLASS_UID, ul.pad_uid(model.value)),
+                    (ul.COMMAND_FIELD, us(ul.C_FIND_RQ)),
+                    (ul.MESSAGE_ID, us(msg_id)),
+                    (ul.PRIORITY, us(0)),
+                    (ul.COMMAND_DATA_SET_TYPE, us(ul.DATA_SET_PRESENT)),
+                ]
+            ),
+            encode_identifier(identifier, context),
+        )
+        while True:
+            msg = assoc.receive(cancel=cancel, on_cancel=send_cancel)
+            code = _answer_status(node.name, "C-FIND", msg, ul.C_FIND_RSP, msg_id)
             if code in st.PENDING:
-                if not cancel_sent and ident is not None and (accept is None or accept(ident)):
-                    result.matches.append(ident)
+                if not cancel_sent and msg.data_set is not None:
+                    ident = decode_identifier(msg.data_set, context)
+                    if accept is None or accept(ident):
+                        result.matches.append(ident)
                 stop = cancel.is_set() or (
                     max_matches is not None and len(result.matches) >= max_matches
                 )
-                if stop and not cancel_sent:
-                    # Keep iterating afterwards: the PACS ends with FE00 (or its
-                    # final status), and the association stays usable.
-                    lease.assoc.send_c_cancel(msg_id, query_model=str(model))
-                    cancel_sent = True
-                    result.truncated = True
+                if stop:
+                    send_cancel()
                 continue
             result.status = code
             # A Cancel the gateway did not ask for is the PACS giving up midway:
             # the matches so far are not the answer.
             if st.category(code) is st.Category.FAILURE or (code == st.CANCEL and not cancel_sent):
-                comment = status.get("ErrorComment")
-                failure = PacsFailureStatus(
-                    node.name, "C-FIND", code, str(comment) if comment else None
-                )
+                failure = PacsFailureStatus(node.name, "C-FIND", code, msg.text(ul.ERROR_COMMENT))
             break
-    except RuntimeError as exc:
-        # pynetdicom raises RuntimeError when the association died before the request.
+    except Silent as exc:
         lease.reusable = False
-        raise AssociationAborted(node.name, f"association lost: {exc}") from exc
+        raise DimseTimeout(node.name, f"C-FIND: {exc}") from None
+    except Lost as exc:
+        lease.reusable = False
+        raise AssociationAborted(node.name, f"C-FIND: {exc}") from None
     except BaseException:
-        # Responses may still be queued: the next operation would read them as its own.
+        # Answers may still be on their way: the next operation would read them as its own.
         lease.reusable = False
+        assoc.abort()
         raise
-    if not lease.assoc.is_established:
-        lease.reusable = False
     if failure is not None:
         # Raised only now: a final response, even a failure, leaves the
         # association clean for the next operation.
@@ -179,11 +202,15 @@ def _find_blocking(
     return result
 
 
-def _raise_lost(pool: AssociationPool, operation: str, silent_for: float) -> None:
-    node = pool.node
-    if silent_for >= node.dimse_timeout * 0.9:
-        raise DimseTimeout(node.name, f"{operation}: no answer within {node.dimse_timeout:g} s")
-    raise AssociationAborted(node.name, f"{operation}: association aborted by the PACS or lost")
+def _answer_status(node: str, operation: str, msg: Message, field: int, msg_id: int) -> int:
+    """The status of a response to *msg_id*; any other message breaks the protocol
+    (one operation at a time on the association)."""
+    status = msg.status
+    if msg.us(ul.COMMAND_FIELD) != field or status is None:
+        raise AssociationAborted(node, f"{operation}: the PACS answered with another message")
+    if msg.us(ul.MESSAGE_ID_BEING_RESPONDED_TO) != msg_id:
+        raise AssociationAborted(node, f"{operation}: the PACS answered another request")
+    return status
 
 
 async def c_echo(pool: AssociationPool) -> float:
@@ -202,20 +229,37 @@ async def c_echo(pool: AssociationPool) -> float:
 
 
 def _echo_blocking(lease: Lease, pool: AssociationPool) -> float:
+    node = pool.node
+    assoc = lease.assoc
     started = time.monotonic()
-    if not quiesce_reactor(lease.assoc):
-        lease.reusable = False
-        raise AssociationAborted(pool.node.name, "association not responsive")
+    context = assoc.context_for(VERIFICATION)
+    if context is None:
+        raise PacsError(node.name, "the PACS accepted no Verification context")
+    msg_id = lease.next_message_id()
     try:
-        status = lease.assoc.send_c_echo(msg_id=lease.next_message_id())
-    except RuntimeError as exc:
+        assoc.send(
+            context,
+            command(
+                [
+                    (ul.AFFECTED_SOP_CLASS_UID, ul.pad_uid(VERIFICATION)),
+                    (ul.COMMAND_FIELD, us(ul.C_ECHO_RQ)),
+                    (ul.MESSAGE_ID, us(msg_id)),
+                    (ul.COMMAND_DATA_SET_TYPE, us(ul.NO_DATA_SET)),
+                ]
+            ),
+            None,
+        )
+        code = _answer_status(node.name, "C-ECHO", assoc.receive(), ul.C_ECHO_RSP, msg_id)
+    except Silent as exc:
         lease.reusable = False
-        raise AssociationAborted(pool.node.name, f"association lost: {exc}") from exc
-    elapsed = time.monotonic() - started
-    if not status or "Status" not in status:
+        raise DimseTimeout(node.name, f"C-ECHO: {exc}") from None
+    except Lost as exc:
         lease.reusable = False
-        _raise_lost(pool, "C-ECHO", elapsed)
-    code = int(status.Status)
+        raise AssociationAborted(node.name, f"C-ECHO: {exc}") from None
+    except BaseException:
+        lease.reusable = False
+        assoc.abort()
+        raise
     if code != st.SUCCESS:
-        raise PacsFailureStatus(pool.node.name, "C-ECHO", code, None)
-    return elapsed
+        raise PacsFailureStatus(node.name, "C-ECHO", code, None)
+    return time.monotonic() - started

@@ -72,17 +72,18 @@ from pynetdicom.dimse_primitives import C_STORE
 from app.dimse import status as st
 from app.dimse.cancel import CancelWatcher
 from app.dimse.find import QueryModel, c_find
-from app.dimse.move import MoveProgress, MoveResult, fold_response, result_status
+from app.dimse.move import (
+    MoveProgress,
+    MoveResult,
+    RetrieveAnswer,
+    failed_uid_list,
+    fold_response,
+    result_status,
+)
 from app.dimse.observed_sink import OPERATION as RECEIVED
 from app.dimse.observed_sink import ObservedSink
-from app.dimse.pool import (
-    BUSY_POLL,
-    AssociationPool,
-    Lease,
-    set_poll_delay,
-    set_tcp_nodelay,
-    tls_failure_since,
-)
+from app.dimse.pool import AssociationPool, Lease, tls_failure_since
+from app.dimse.pynetdicom_fixes import BUSY_POLL, set_poll_delay, set_tcp_nodelay
 from app.dimse.storescp import (
     STATUS_CANNOT_UNDERSTAND,
     STATUS_OUT_OF_RESOURCES,
@@ -616,10 +617,11 @@ def _exchange(
                     raise DimseTimeout(node, f"C-GET: no answer within {dimse_timeout:g} s")
                 raise AssociationAborted(node, "C-GET: association aborted or lost")
             last = now
-            failed = fold_response(rsp, ident, progress, on_progress, cancel, watcher)
-            if failed is None:
+            if fold_response(RetrieveAnswer.of_dataset(rsp), progress, on_progress):
+                if cancel.is_set():
+                    watcher.send()
                 continue
-            final, failed_uids = rsp, failed
+            final, failed_uids = rsp, failed_uid_list(ident)
             break
     if final is None:
         raise AssociationAborted(node, "C-GET ended without a final response")

@@ -21,9 +21,18 @@ from enum import StrEnum
 from pydicom.dataset import Dataset
 
 from app.dimse import status as st
-from app.dimse.cancel import CancelWatcher
-from app.dimse.pool import AssociationPool, Lease, quiesce_reactor
-from app.errors import AssociationAborted, DimseTimeout, PacsFailureStatus
+from app.dimse import ul
+from app.dimse.pool import AssociationPool, Lease
+from app.dimse.requestor import (
+    Lost,
+    Message,
+    Silent,
+    command,
+    decode_identifier,
+    encode_identifier,
+    us,
+)
+from app.errors import AssociationAborted, DimseTimeout, PacsError, PacsFailureStatus
 
 log = logging.getLogger(__name__)
 
@@ -67,46 +76,65 @@ def result_status(result: MoveResult) -> int:
     return result.status
 
 
-def read_counts(rsp: Dataset, into: MoveProgress) -> None:
-    """Sub-operation counts of a C-MOVE-RSP or C-GET-RSP (PS3.7 9.1.3.1.7-10,
-    9.1.4.1.8-11), where present."""
-    for keyword, attr in (
-        ("NumberOfRemainingSuboperations", "remaining"),
-        ("NumberOfCompletedSuboperations", "completed"),
-        ("NumberOfFailedSuboperations", "failed"),
-        ("NumberOfWarningSuboperations", "warning"),
-    ):
-        value = rsp.get(keyword)
-        if value is not None:
-            setattr(into, attr, int(value))
+@dataclass(frozen=True, slots=True)
+class RetrieveAnswer:
+    """The facts of one C-MOVE-RSP or C-GET-RSP (PS3.7 9.3.3.2, 9.3.4.2), whoever
+    decoded it: counts are None where the PACS left them out."""
+
+    status: int
+    remaining: int | None = None
+    completed: int | None = None
+    failed: int | None = None
+    warning: int | None = None
+    comment: str | None = None
+
+    @classmethod
+    def of_dataset(cls, rsp: Dataset) -> RetrieveAnswer:
+        """From a response command set decoded by pynetdicom."""
+
+        def count(keyword: str) -> int | None:
+            value = rsp.get(keyword)
+            return None if value is None else int(value)
+
+        comment = rsp.get("ErrorComment")
+        return cls(
+            status=int(rsp.Status),
+            remaining=count("NumberOfRemainingSuboperations"),
+            completed=count("NumberOfCompletedSuboperations"),
+            failed=count("NumberOfFailedSuboperations"),
+            warning=count("NumberOfWarningSuboperations"),
+            comment=str(comment) if comment else None,
+        )
 
 
 def fold_response(
-    rsp: Dataset,
-    ident: Dataset | None,
+    answer: RetrieveAnswer,
     progress: MoveProgress,
     on_progress: Callable[[MoveProgress], None] | None,
-    cancel: threading.Event,
-    watcher: CancelWatcher,
-) -> list[str] | None:
-    """Fold one C-MOVE-RSP or C-GET-RSP (with a status) into *progress*.
-
-    None for a pending response (after reporting progress, and sending C-CANCEL
-    if the retrieve was abandoned); for the final one, the Failed SOP Instance
-    UID List of its identifier (PS3.4 C.4.2.1.4, C.4.3.1.4), possibly empty.
-    """
-    code = int(rsp.Status)
-    if code not in st.PENDING:
+) -> bool:
+    """Fold one response's counts into *progress*; True for a pending response
+    (after reporting progress), False for the final one."""
+    pending = answer.status in st.PENDING
+    if not pending:
         # Counts are optional in the final response (PS3.7 9.1.4.1.8): a
         # "remaining" left over from the last pending one must not survive.
         progress.remaining = None
-    read_counts(rsp, progress)
-    if code in st.PENDING:
-        if on_progress is not None:
-            on_progress(progress)
-        if cancel.is_set():
-            watcher.send()
-        return None
+    if answer.remaining is not None:
+        progress.remaining = answer.remaining
+    if answer.completed is not None:
+        progress.completed = answer.completed
+    if answer.failed is not None:
+        progress.failed = answer.failed
+    if answer.warning is not None:
+        progress.warning = answer.warning
+    if pending and on_progress is not None:
+        on_progress(progress)
+    return pending
+
+
+def failed_uid_list(ident: Dataset | None) -> list[str]:
+    """The Failed SOP Instance UID List of a final response's identifier
+    (PS3.4 C.4.2.1.4, C.4.3.1.4), possibly empty."""
     if ident is None or "FailedSOPInstanceUIDList" not in ident:
         return []
     value = ident.FailedSOPInstanceUIDList
@@ -175,52 +203,65 @@ def _move_blocking(
     cancel: threading.Event,
 ) -> MoveResult:
     node = pool.node
+    assoc = lease.assoc
+    context = assoc.context_for(str(model))
+    if context is None:
+        raise PacsError(node.name, f"the PACS accepted no {model.name} C-MOVE context")
     progress = MoveProgress()
-    started = last = time.monotonic()
-    final: Dataset | None = None
-    failed_uids: list[str] = []
+    started = time.monotonic()
     answered = False
-    if not quiesce_reactor(lease.assoc):
-        lease.reusable = False
-        raise Unanswered(node.name, "association not responsive")
+    cancelled = False
+
+    def send_cancel() -> None:
+        nonlocal cancelled
+        if not cancelled:
+            cancelled = True
+            assoc.send_cancel(context, msg_id)
+            log.debug("C-CANCEL sent for message %d", msg_id)
+
     try:
-        with CancelWatcher(lease.assoc, msg_id, str(model), cancel) as watcher:
-            for rsp, ident in lease.assoc.send_c_move(
-                identifier, destination, str(model), msg_id=msg_id
-            ):
-                now = time.monotonic()
-                if not rsp or "Status" not in rsp:
-                    lease.reusable = False
-                    if now - last >= node.dimse_timeout * 0.9:
-                        raise DimseTimeout(
-                            node.name, f"C-MOVE: no answer within {node.dimse_timeout:g} s"
-                        )
-                    lost = Unanswered if not answered else AssociationAborted
-                    raise lost(node.name, "C-MOVE: association aborted or lost")
-                answered = True
-                last = now
-                failed = fold_response(rsp, ident, progress, on_progress, cancel, watcher)
-                if failed is None:
-                    continue
-                final, failed_uids = rsp, failed
-                break
-    except RuntimeError as exc:
-        # pynetdicom raises this when the association died before the request.
+        assoc.send(
+            context,
+            command(
+                [
+                    (ul.AFFECTED_SOP_CLASS_UID, ul.pad_uid(str(model))),
+                    (ul.COMMAND_FIELD, us(ul.C_MOVE_RQ)),
+                    (ul.MESSAGE_ID, us(msg_id)),
+                    (ul.MOVE_DESTINATION, ul.pad_text(destination)),
+                    (ul.PRIORITY, us(0)),
+                    (ul.COMMAND_DATA_SET_TYPE, us(ul.DATA_SET_PRESENT)),
+                ]
+            ),
+            encode_identifier(identifier, context),
+        )
+        while True:
+            msg = assoc.receive(cancel=cancel, on_cancel=send_cancel)
+            answered = True
+            answer = _move_answer(node.name, msg, msg_id)
+            if fold_response(answer, progress, on_progress):
+                if cancel.is_set():
+                    send_cancel()
+                continue
+            break
+        failed_uids = (
+            failed_uid_list(decode_identifier(msg.data_set, context)) if msg.data_set else []
+        )
+    except Silent as exc:
         lease.reusable = False
-        raise Unanswered(node.name, f"association lost: {exc}") from exc
+        raise DimseTimeout(node.name, f"C-MOVE: {exc}") from None
+    except Lost as exc:
+        lease.reusable = False
+        lost = AssociationAborted if answered else Unanswered
+        raise lost(node.name, f"C-MOVE: {exc}") from None
     except BaseException:
         lease.reusable = False
+        assoc.abort()
         raise
-    if final is None:
-        lease.reusable = False
-        raise AssociationAborted(node.name, "C-MOVE ended without a final response")
-    code = int(final.Status)
-    comment = final.get("ErrorComment")
     result = MoveResult(
-        status=code,
+        status=answer.status,
         progress=progress,
         failed_sop_uids=failed_uids,
-        comment=str(comment) if comment else None,
+        comment=answer.comment,
         elapsed=time.monotonic() - started,
     )
     if on_progress is not None:
@@ -230,13 +271,31 @@ def _move_blocking(
         node.name,
         identifier.get("QueryRetrieveLevel", "?"),
         destination,
-        code,
+        answer.status,
         progress.completed,
         progress.failed,
         progress.warning,
         result.elapsed * 1000,
     )
     return result
+
+
+def _move_answer(node: str, msg: Message, msg_id: int) -> RetrieveAnswer:
+    """A C-MOVE-RSP's facts; a message that is not the answer to *msg_id* breaks
+    the protocol (one operation at a time on the association)."""
+    status = msg.status
+    if msg.us(ul.COMMAND_FIELD) != ul.C_MOVE_RSP or status is None:
+        raise AssociationAborted(node, "C-MOVE: the PACS answered with another message")
+    if msg.us(ul.MESSAGE_ID_BEING_RESPONDED_TO) != msg_id:
+        raise AssociationAborted(node, "C-MOVE: the PACS answered another request")
+    return RetrieveAnswer(
+        status=status,
+        remaining=msg.us(ul.REMAINING),
+        completed=msg.us(ul.COMPLETED),
+        failed=msg.us(ul.FAILED),
+        warning=msg.us(ul.WARNING),
+        comment=msg.text(ul.ERROR_COMMENT),
+    )
 
 
 def raise_for_refusal(node: str, result: MoveResult) -> None:

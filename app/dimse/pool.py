@@ -1,15 +1,15 @@
 """A bounded pool of reusable associations to one PACS.
 
-pynetdicom associations are blocking and not safe for concurrent DIMSE
-operations (pynetdicom issues 137 and 596), so the pool *leases* an association
-to exactly one operation at a time and runs the blocking work on a thread pool.
+Associations (``app/dimse/requestor.py``) are blocking and carry one DIMSE
+operation at a time, so the pool *leases* an association to exactly one
+operation and runs the blocking work on a thread pool.
 All bookkeeping happens on the event loop thread; worker threads only touch the
 association they were handed.
 
 Life of an association: opened on demand up to ``max_associations``; returned
 to the idle list after an operation that left it established; released when it
-has been idle for ``idle_timeout`` (before the PACS or pynetdicom's network
-timeout drops it under us); aborted and discarded after any failure, timeout or
+has been idle for ``idle_timeout`` (before the PACS drops it under us), or
+as soon as the PACS closed it; aborted and discarded after any failure, timeout or
 cancellation that might leave it in an unknown state.
 """
 
@@ -18,10 +18,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import contextvars
+import functools
 import itertools
 import logging
 import math
-import socket
 import threading
 import time
 from collections import deque
@@ -30,10 +30,8 @@ from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar
 
-from pynetdicom import AE, evt
-from pynetdicom.association import Association
-
 from app.config import PacsNode
+from app.dimse.requestor import AssociateRejected, ConnectFailed, RequestorAssociation, associate
 from app.dimse.status import CANCEL
 from app.dimse.tls import ClientContext, client_context
 from app.errors import (
@@ -62,41 +60,6 @@ _REJECT_REASONS = {
 }
 
 
-def quiesce_reactor(assoc: Association, timeout: float = 1.0) -> bool:
-    """Make sure the association's reactor thread is parked before a request.
-
-    pynetdicom 3.0.4's ``send_c_*`` pause the reactor by clearing a checkpoint
-    and waiting for ``_is_paused``, but that flag can still be True from the
-    previous operation while the reactor, just woken, is about to take the next
-    message off the queue: the first answer of the new request is then dropped
-    ("Received unexpected C-FIND service message", pynetdicom issue 875) and a
-    search silently loses a match.  Clearing the flag first and waiting for the
-    reactor to set it again proves it has come round to the checkpoint.  The
-    pool never runs two operations on one association, so the reactor is
-    looping (the checkpoint is set) whenever this is called.
-    """
-    assoc._reactor_checkpoint.clear()
-    assoc._is_paused = False
-    deadline = time.monotonic() + timeout
-    while not assoc._is_paused:
-        if time.monotonic() > deadline or not assoc.is_established:
-            return False
-        time.sleep(0.0001)
-    return True
-
-
-def set_tcp_nodelay(event: evt.Event) -> None:
-    """Disable Nagle's algorithm on a new association socket.
-
-    With Nagle on, every request/response pair on loopback waits for the 40 ms
-    delayed ACK: a C-FIND on an open association takes 45 ms instead of 3 ms.
-    """
-    sock = event.assoc.dul.socket.socket if event.assoc.dul.socket else None
-    if sock is not None:
-        with contextlib.suppress(OSError):
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-
-
 class DimseObserver(Protocol):
     """Told about every DIMSE operation a pool carries (metrics).
 
@@ -111,7 +74,7 @@ class DimseObserver(Protocol):
 class Lease:
     """One association lent to one operation."""
 
-    assoc: Association
+    assoc: RequestorAssociation
     created: float
     last_used: float
     reused: bool = False
@@ -158,14 +121,8 @@ class AssociationPool:
     ) -> None:
         self.node = node
         self._executor = executor
-        self._ae = AE(ae_title=calling_ae_title)
-        for abstract_syntax, transfer_syntaxes in contexts:
-            self._ae.add_requested_context(abstract_syntax, list(transfer_syntaxes))
-        self._ae.acse_timeout = node.acse_timeout
-        self._ae.dimse_timeout = node.dimse_timeout
-        self._ae.network_timeout = node.network_timeout
-        self._ae.connection_timeout = node.connect_timeout
-        self._ae.maximum_pdu_size = node.max_pdu
+        self.calling_ae_title = calling_ae_title
+        self._contexts = tuple((a, tuple(ts)) for a, ts in contexts)
         self.tls = node_tls(node)
         self._slots = asyncio.Semaphore(node.max_associations)
         self._idle: deque[Lease] = deque()
@@ -206,7 +163,7 @@ class AssociationPool:
 
     @property
     def tls_args(self) -> tuple[ClientContext, str] | None:
-        """pynetdicom's ``tls_args`` for an association to this node, or None."""
+        """pynetdicom's ``tls_args`` for an association to this node (C-GET), or None."""
         return (self.tls, self.node.host) if self.tls is not None else None
 
     def state(self) -> PoolState:
@@ -268,7 +225,6 @@ class AssociationPool:
             raise
         self._in_use.add(lease)
         lease.leased_at = time.monotonic()
-        set_poll_delay(lease.assoc, BUSY_POLL)
         return lease
 
     @contextlib.asynccontextmanager
@@ -295,7 +251,6 @@ class AssociationPool:
         self._slots.release()
         held = time.monotonic() - lease.leased_at
         self._hold_avg = held if self._hold_avg is None else 0.8 * self._hold_avg + 0.2 * held
-        set_poll_delay(lease.assoc, IDLE_POLL)
         keep = lease.reusable and self.node.reuse_associations and not self._closed
         if keep and lease.assoc.is_established:
             lease.last_used = time.monotonic()
@@ -364,61 +319,57 @@ class AssociationPool:
         started = time.monotonic()
         opening = loop.run_in_executor(
             self._executor,
-            lambda: self._ae.associate(
+            functools.partial(
+                associate,
                 node.host,
                 node.port,
-                ae_title=node.ae_title,
-                evt_handlers=[(evt.EVT_CONN_OPEN, set_tcp_nodelay)],
-                tls_args=self.tls_args,
+                calling_ae=self.calling_ae_title,
+                called_ae=node.ae_title,
+                contexts=self._contexts,
+                max_pdu=node.max_pdu,
+                connect_timeout=node.connect_timeout,
+                acse_timeout=node.acse_timeout,
+                dimse_timeout=node.dimse_timeout,
+                tls=self.tls,
+                server_hostname=node.host,
             ),
         )
         try:
-            assoc: Association = await asyncio.shield(opening)
+            assoc = await asyncio.shield(opening)
         except asyncio.CancelledError:
             # The caller left (client gone) while the thread still negotiates:
             # whatever it opens must not linger on the PACS until its timeout.
             opening.add_done_callback(self._release_orphan)
             raise
-        except OSError as exc:
-            # pynetdicom lets name resolution errors through (a PACS host that a
-            # container network forgot while the PACS restarts).
+        except AssociateRejected as exc:
             self._failed_opens += 1
-            self._last_error = f"cannot reach {node.host}:{node.port}: {exc}"
-            raise PacsUnavailable(node.name, self._last_error) from exc
-        if assoc.is_established:
-            self._opened += 1
-            now = time.monotonic()
-            log.debug("association to %s opened in %.1f ms", node.name, (now - started) * 1000)
-            return Lease(assoc=assoc, created=now, last_used=now)
-        self._failed_opens += 1
-        tls_failure = tls_failure_since(self.tls, node, started)
-        if tls_failure is not None:
-            self._last_error = tls_failure.message
-            raise tls_failure
-        if assoc.is_rejected:
-            primitive = assoc.acceptor.primitive
-            # PS3.8 Table 9-21: result 1 rejected-permanent, 2 rejected-transient.
-            transient = int(getattr(primitive, "result", 0) or 0) == 2
-            source = int(getattr(primitive, "result_source", 0) or 0)
-            reason = int(getattr(primitive, "diagnostic", 0) or 0)
-            text = _REJECT_REASONS.get((source, reason), f"source {source}, reason {reason}")
-            if transient:
+            text = _REJECT_REASONS.get(
+                (exc.source, exc.reason), f"source {exc.source}, reason {exc.reason}"
+            )
+            if exc.transient:
                 message = f"association rejected for now ({text}); try again later"
             else:
                 message = (
                     f"association rejected ({text}); check that the PACS knows AE title "
-                    f"{self._ae.ae_title!r} and that its AE title is {node.ae_title!r}"
+                    f"{self.calling_ae_title!r} and that its AE title is {node.ae_title!r}"
                 )
             self._last_error = message
-            raise AssociationRejected(node.name, message, transient=transient)
-        message = (
-            f"cannot open an association to {node.host}:{node.port} "
-            f"(connection refused, unreachable or aborted during negotiation)"
-        )
-        self._last_error = message
-        raise PacsUnavailable(node.name, message)
+            raise AssociationRejected(node.name, message, transient=exc.transient) from None
+        except ConnectFailed as exc:
+            self._failed_opens += 1
+            # The context saw the TLS failure pynetdicom or the socket reported.
+            tls_failure = tls_failure_since(self.tls, node, started)
+            if tls_failure is not None:
+                self._last_error = tls_failure.message
+                raise tls_failure from None
+            self._last_error = f"cannot open an association to {node.host}:{node.port}: {exc}"
+            raise PacsUnavailable(node.name, self._last_error) from None
+        self._opened += 1
+        now = time.monotonic()
+        log.debug("association to %s opened in %.1f ms", node.name, (now - started) * 1000)
+        return Lease(assoc=assoc, created=now, last_used=now)
 
-    def _release_orphan(self, opening: asyncio.Future[Association]) -> None:
+    def _release_orphan(self, opening: asyncio.Future[RequestorAssociation]) -> None:
         if opening.cancelled() or opening.exception() is not None:
             return
         self._close_assoc(opening.result(), abort=False)
@@ -427,7 +378,7 @@ class AssociationPool:
         self._discarded += 1
         self._close_assoc(lease.assoc, abort=abort)
 
-    def _close_assoc(self, assoc: Association, *, abort: bool) -> None:
+    def _close_assoc(self, assoc: RequestorAssociation, *, abort: bool) -> None:
         fn = _abort if abort else _release
         try:
             self._executor.submit(fn, assoc)
@@ -478,20 +429,7 @@ def tls_failure_since(
     return TlsHandshakeFailed(node.name, f"DICOM TLS to {node.host}:{node.port}: {failure}")
 
 
-# pynetdicom's DUL thread sleeps this long between socket polls when it saw no
-# event: 1 ms by default, which every response of an operation waits out.  Poll
-# fast only while an operation runs; an idle association then costs nothing.
-BUSY_POLL = 0.00005
-IDLE_POLL = 0.001
-
-
-def set_poll_delay(assoc: Association, delay: float) -> None:
-    dul = getattr(assoc, "dul", None)
-    if dul is not None and hasattr(dul, "_run_loop_delay"):
-        dul._run_loop_delay = delay
-
-
-def _release(assoc: Association) -> None:
+def _release(assoc: RequestorAssociation) -> None:
     try:
         if assoc.is_established:
             assoc.release()
@@ -500,7 +438,6 @@ def _release(assoc: Association) -> None:
         _abort(assoc)
 
 
-def _abort(assoc: Association) -> None:
+def _abort(assoc: RequestorAssociation) -> None:
     with contextlib.suppress(Exception):
-        if assoc.is_established:
-            assoc.abort()
+        assoc.abort()

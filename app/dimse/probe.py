@@ -47,7 +47,7 @@ from app.config import (
 from app.dimse import status as st
 from app.dimse.find import VERIFICATION, QueryModel
 from app.dimse.get import COMMON_STORAGE_CLASSES, storage_contexts
-from app.dimse.pool import quiesce_reactor, set_tcp_nodelay
+from app.dimse.pynetdicom_fixes import quiesce_reactor, set_tcp_nodelay
 
 log = logging.getLogger(__name__)
 

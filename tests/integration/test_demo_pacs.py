@@ -19,7 +19,7 @@ from pynetdicom import AE, evt
 from pynetdicom.association import Association
 
 from app.demo import DemoPacsError, QrscpProcess, load_demo_data, store_files
-from app.dimse.pool import quiesce_reactor
+from app.dimse.pynetdicom_fixes import quiesce_reactor
 from app.sampledata import ct_series, derive_uid, sample_patients, write_datasets
 
 pytestmark = pytest.mark.integration

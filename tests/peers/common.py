@@ -47,7 +47,7 @@ from pynetdicom.sop_class import (
     Verification,
 )
 
-from app.dimse.pool import quiesce_reactor
+from app.dimse.pynetdicom_fixes import quiesce_reactor
 
 LOOPBACK = "127.0.0.1"
 

@@ -35,7 +35,7 @@ from pydicom.uid import ImplicitVRLittleEndian
 from pynetdicom import AE
 from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind
 
-from app.dimse.pool import quiesce_reactor
+from app.dimse.pynetdicom_fixes import quiesce_reactor
 from tests.peers.common import (
     LOOPBACK,
     InstanceInfo,
