@@ -437,3 +437,41 @@ def test_http_client_going_away_cancels_the_find(scp_factory: Any, tmp_path: Any
         pool = httpx.get(f"{gw.url}/pacs", timeout=5).json()[0]["pool"]
         assert pool["in_use"] == 0
         assert pool["discarded_total"] == 0, "a cancelled C-FIND leaves the association usable"
+
+
+def test_messages_larger_than_a_pdu_are_fragmented_both_ways(
+    scp_factory: Any, executor: ThreadPoolExecutor
+) -> None:
+    """Our requestor cuts a request to the PACS's maximum PDU and reassembles
+    answers the PACS cut to ours (PS3.8 §9.3.5, Annex D.1)."""
+    asked = [f"1.2.826.0.1.3680043.10.1.{i}" for i in range(60)]  # ~1.7 KB identifier
+    answered = [f"1.2.826.0.1.3680043.10.2.{i}" for i in range(300)]  # ~8.6 KB match
+    seen: list[list[str]] = []
+
+    def handler(event: Any) -> Iterator[tuple[int, Dataset | None]]:
+        seen.append(list(event.identifier.StudyInstanceUID))
+        match = Dataset()
+        match.QueryRetrieveLevel = "STUDY"
+        match.StudyInstanceUID = answered
+        yield 0xFF00, match
+        yield 0x0000, None
+
+    scp = scp_factory(handler)
+    scp.ae.maximum_pdu_size = 1024
+    received: list[int] = []
+    scp.server.bind(
+        evt.EVT_PDU_RECV,
+        lambda event: received.append(event.pdu.pdu_length) if event.pdu.pdu_type == 4 else None,
+    )
+
+    async def run() -> None:
+        pool = _pool(_node(scp.port, max_pdu=4096), executor)
+        query = _query()
+        query.StudyInstanceUID = asked
+        result = await c_find(pool, query, QueryModel.STUDY_ROOT)
+        assert seen == [asked]
+        assert len(received) > 2 and max(received) <= 1024
+        assert [list(m.StudyInstanceUID) for m in result.matches] == [answered]
+        await pool.close()
+
+    asyncio.run(run())
