@@ -121,7 +121,9 @@ class PacsNode(BaseModel):
     reuse_associations: bool = True
     connect_timeout: float = Field(default=3.0, gt=0)
     acse_timeout: float = Field(default=10.0, gt=0)
+    # The PACS's longest silence within an operation (between two PDUs); then A-ABORT, 504.
     dimse_timeout: float = Field(default=30.0, gt=0)
+    # C-GET associations only (pynetdicom's idle limit); the pool's own use idle_timeout.
     network_timeout: float = Field(default=60.0, gt=0)
     max_pdu: int = Field(default=0, ge=0, description="0 means unlimited")
     # PS3.18 (2024c) answers an empty search with 204; some clients want 200 and [].
