@@ -475,3 +475,33 @@ def test_messages_larger_than_a_pdu_are_fragmented_both_ways(
         await pool.close()
 
     asyncio.run(run())
+
+
+def test_idle_association_released_by_the_pacs_is_answered_and_dropped(
+    scp_factory: Any, executor: ThreadPoolExecutor
+) -> None:
+    """A PACS may release an association it finds idle (PS3.8 §7.2): the pool
+    answers A-RELEASE-RP, forgets it, and the next search opens a new one."""
+    scp = scp_factory(_answers(2))
+
+    async def run() -> None:
+        pool = _pool(_node(scp.port, idle_timeout=2.0), executor)
+        pool.start()
+        await c_find(pool, _query(), QueryModel.STUDY_ROOT)
+        await _settle(pool)
+        (assoc,) = scp.server.active_associations
+        releasing = threading.Thread(target=assoc.release)
+        releasing.start()
+        for _ in range(100):  # the reaper looks every 0.5 s
+            if not releasing.is_alive() and pool.state().idle == 0:
+                break
+            await asyncio.sleep(0.05)
+        releasing.join(5)
+        assert assoc.is_released and not assoc.is_aborted
+        assert pool.state().idle == 0
+        result = await c_find(pool, _query(), QueryModel.STUDY_ROOT)
+        assert len(result.matches) == 2
+        assert pool.state().opened_total == 2
+        await pool.close()
+
+    asyncio.run(run())
