@@ -19,8 +19,9 @@ So before the C-GET the gateway asks the PACS which SOP classes it will get
 (:func:`learn_sop_classes`: STUDY level SOP Classes in Study, then IMAGE level
 SOP Class UID, else :data:`COMMON_STORAGE_CLASSES`), and :func:`storage_contexts`
 spreads the 127 contexts over those classes, one syntax per context while room
-allows.  The association is opened for this one C-GET by a pynetdicom AE of its
-own and released afterwards; it never goes back to the node's query pool.
+allows.  The association (``app/dimse/requestor.py``, asking for the SCP role of
+each storage class) is opened for this one C-GET and released afterwards; it
+never goes back to the node's query pool.
 
 Bound on associations: the C-GET runs in a lease of the node's
 :class:`~app.dimse.pool.AssociationPool`, so C-GETs and queries together stay
@@ -38,19 +39,16 @@ from the received bytes (file meta from :func:`~app.dimse.storescp.part10_header
 then the data set as sent, never decoded), and the sink's status is the
 C-STORE-RSP status.
 
-Throughput: pynetdicom is the receiver here, and the sink runs before each
-C-STORE-RSP.  A bare C-GET of a 300-slice CT series (158 MB) from Orthanc
-reached about 105 MB/s (DCMTK's getscu: 235-450 MB/s, PEERS.md).  WADO-RS of
-that series through the gateway, cold cache, interleaved runs on a 2-core
-machine: 1.4-1.6 s over C-GET (about 0.5 s of it in the sink) against
-0.85-0.9 s over C-MOVE when quiet, 2.9 s against 1.3 s under load.  Prefer
-C-MOVE where the PACS can reach the gateway; C-GET is for PACS that cannot.
+Throughput: the operation's thread reads the association and writes each data
+set as it came; the sink runs before each C-STORE-RSP, so a PACS sends the next
+instance only once the previous one is in the cache.  Before this receiver,
+pynetdicom's took 1.4-1.6 s for a 158 MB CT series (C-MOVE: 0.85-0.9 s);
+``bench/retrieve.py --node-option 'retrieve = "get"'`` measures it now.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import functools
 import logging
 import re
@@ -60,17 +58,13 @@ from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
-from io import BytesIO
-from typing import Any, Final, cast
+from typing import Any, Final
 
 from pydicom import uid
 from pydicom.dataset import Dataset
-from pynetdicom import AE, build_role, evt
-from pynetdicom.association import Association
-from pynetdicom.dimse_primitives import C_STORE
 
 from app.dimse import status as st
-from app.dimse.cancel import CancelWatcher
+from app.dimse import ul
 from app.dimse.find import QueryModel, c_find
 from app.dimse.move import (
     MoveProgress,
@@ -83,7 +77,21 @@ from app.dimse.move import (
 from app.dimse.observed_sink import OPERATION as RECEIVED
 from app.dimse.observed_sink import ObservedSink
 from app.dimse.pool import AssociationPool, Lease, tls_failure_since
-from app.dimse.pynetdicom_fixes import BUSY_POLL, set_poll_delay, set_tcp_nodelay
+from app.dimse.requestor import (
+    AcceptedContext,
+    AssociateRejected,
+    ConnectFailed,
+    Lost,
+    Message,
+    NegotiationAborted,
+    RequestorAssociation,
+    Silent,
+    associate,
+    command,
+    decode_identifier,
+    encode_identifier,
+    us,
+)
 from app.dimse.storescp import (
     STATUS_CANNOT_UNDERSTAND,
     STATUS_OUT_OF_RESOURCES,
@@ -362,7 +370,7 @@ def raise_for_refusal(node: str, result: MoveResult) -> None:
 
 @dataclass
 class _Receiver:
-    """The EVT_C_STORE handler of one C-GET association."""
+    """The C-STORE performer of one C-GET association."""
 
     node_ae: str
     our_ae: str
@@ -375,27 +383,26 @@ class _Receiver:
     # Time spent in this handler (writing and the sink), for the log.
     busy: float = 0.0
 
-    def __call__(self, event: evt.Event) -> int:
+    def __call__(self, request: Message, context: AcceptedContext, peer_address: str) -> int:
         self.last_store = time.monotonic()
         try:
-            return self._store(event)
+            return self._store(request, context, peer_address)
         finally:
             self.busy += time.monotonic() - self.last_store
 
-    def _store(self, event: evt.Event) -> int:
-        request = cast(C_STORE, event.request)
-        sop_class = _uid_or_none(request.AffectedSOPClassUID)
-        sop_instance = _uid_or_none(request.AffectedSOPInstanceUID)
-        if sop_class is None or sop_instance is None:
-            log.warning("C-GET: C-STORE-RQ from %s without valid UIDs", self.node_ae)
+    def _store(self, request: Message, context: AcceptedContext, peer_address: str) -> int:
+        sop_class = _uid_or_none(request.text(ul.AFFECTED_SOP_CLASS_UID))
+        sop_instance = _uid_or_none(request.text(ul.AFFECTED_SOP_INSTANCE_UID))
+        if sop_class is None or sop_instance is None or request.data_set is None:
+            log.warning("C-GET: C-STORE-RQ from %s without valid UIDs or data", self.node_ae)
             return STATUS_CANNOT_UNDERSTAND
         incoming = IncomingInstance(
             calling_ae=self.node_ae,
             called_ae=self.our_ae,
-            peer_address=str(event.assoc.acceptor.address),
+            peer_address=peer_address,
             sop_class_uid=sop_class,
             sop_instance_uid=sop_instance,
-            transfer_syntax_uid=str(event.context.transfer_syntax),
+            transfer_syntax_uid=context.transfer_syntax,
             move_originator_ae=None,
             move_originator_message_id=self.msg_id,
         )
@@ -414,16 +421,9 @@ class _Receiver:
             opened.write(
                 part10_header(sop_class, sop_instance, incoming.transfer_syntax_uid, self.node_ae)
             )
-            data = request.DataSet
-            if isinstance(data, BytesIO):
-                # The received bytes as they are: no copy, no decode.
-                with data.getbuffer() as view:
-                    opened.write(view)
-                    size = len(view)
-            else:
-                # pynetdicom's STORE_RECV_CHUNKED_DATASET mode, which the gateway
-                # does not switch on: the data set is in a temporary file.
-                raise OSError("the C-STORE data set was not received into memory")
+            # The received bytes as they are: no decode.
+            opened.write(request.data_set)
+            size = len(request.data_set)
         except Exception as exc:  # the sink's file must be closed whatever happened
             log.error("C-GET: cannot write %s: %s", sop_instance, exc)
             ok, size = False, 0
@@ -443,12 +443,6 @@ class _Receiver:
             self.stored += 1
             self.received_bytes += size
         return status
-
-
-def _poll_fast(event: evt.Event) -> None:
-    # A C-GET association is busy for its whole short life: poll fast from the
-    # start (bare C-GET of a 158 MB series: 1.9 s instead of 2.3 s, loaded machine).
-    set_poll_delay(event.assoc, BUSY_POLL)
 
 
 def _uid_or_none(value: object) -> str | None:
@@ -473,66 +467,57 @@ def _get_blocking(
     started = time.monotonic()
     # The lease holds one of the node's association slots; its query association
     # makes room for the C-GET association (the pool drops it on return).
-    if lease.assoc.is_established:
-        with contextlib.suppress(Exception):
-            lease.assoc.release()
+    lease.reusable = False
+    lease.assoc.release()
     contexts = storage_contexts(sop_classes)
-    ae = AE(ae_title=ae_title)
-    ae.acse_timeout = node.acse_timeout
-    ae.dimse_timeout = node.dimse_timeout
-    ae.network_timeout = node.network_timeout
-    ae.connection_timeout = node.connect_timeout
-    ae.maximum_pdu_size = node.max_pdu
-    ae.add_requested_context(str(model), list(node.profile.transfer_syntaxes))
-    for abstract_syntax, syntaxes in contexts:
-        ae.add_requested_context(abstract_syntax, syntaxes)
-    roles: list[Any] = [build_role(c, scp_role=True) for c in dict.fromkeys(c for c, _ in contexts)]
     receiver = _Receiver(node.ae_title, ae_title, msg_id, sink)
     try:
-        assoc = ae.associate(
+        assoc = associate(
             node.host,
             node.port,
-            ae_title=node.ae_title,
-            ext_neg=roles,
-            evt_handlers=[
-                (evt.EVT_CONN_OPEN, set_tcp_nodelay),
-                (evt.EVT_CONN_OPEN, _poll_fast),
-                (evt.EVT_C_STORE, receiver),
-            ],
-            tls_args=pool.tls_args,
+            calling_ae=ae_title,
+            called_ae=node.ae_title,
+            contexts=[(str(model), list(node.profile.transfer_syntaxes)), *contexts],
+            max_pdu=node.max_pdu,
+            connect_timeout=node.connect_timeout,
+            acse_timeout=node.acse_timeout,
+            dimse_timeout=node.dimse_timeout,
+            tls=pool.tls,
+            server_hostname=node.host,
+            scp_roles=[c for c, _ in contexts],
         )
-    except OSError as exc:
-        raise PacsUnavailable(node.name, f"cannot reach {node.host}:{node.port}: {exc}") from exc
-    if not assoc.is_established:
+    except AssociateRejected as exc:
+        raise GetAssociationRejected(
+            node.name,
+            f"C-GET association rejected ({'transient' if exc.transient else 'permanent'}, "
+            f"source {exc.source}, reason {exc.reason}); check that the PACS knows AE title "
+            f"{ae_title!r} and allows it C-GET, and that its AE title is {node.ae_title!r}",
+            permanent=not exc.transient,
+        ) from None
+    except NegotiationAborted:
+        raise AssociationAborted(
+            node.name, "C-GET association aborted during negotiation"
+        ) from None
+    except ConnectFailed as exc:
         tls_failure = tls_failure_since(pool.tls, node, started)
         if tls_failure is not None:
-            raise tls_failure
-        _raise_not_established(node.name, ae_title, node.ae_title, node.host, node.port, assoc)
+            raise tls_failure from None
+        raise PacsUnavailable(
+            node.name, f"cannot open a C-GET association to {node.host}:{node.port}: {exc}"
+        ) from None
     setup = time.monotonic() - started
     ok = False
     try:
-        _check_contexts(node.name, assoc, str(model))
+        context = _check_contexts(node.name, assoc, str(model))
         result = _exchange(
-            assoc,
-            node.name,
-            node.dimse_timeout,
-            identifier,
-            model,
-            msg_id,
-            receiver,
-            on_progress,
-            cancel,
+            assoc, context, node.name, identifier, msg_id, receiver, on_progress, cancel
         )
         ok = True
-    except RuntimeError as exc:
-        raise AssociationAborted(node.name, f"C-GET: association lost: {exc}") from exc
     finally:
-        if assoc.is_established:
-            with contextlib.suppress(Exception):
-                if ok:
-                    assoc.release()
-                else:
-                    assoc.abort()
+        if ok:
+            assoc.release()
+        else:
+            assoc.abort()
     result.elapsed = time.monotonic() - started
     log.info(
         "C-GET %s level=%s status=0x%04X completed=%d failed=%d warning=%d stored=%d "
@@ -553,86 +538,111 @@ def _get_blocking(
     return result
 
 
-def _raise_not_established(
-    node: str, ours: str, theirs: str, host: str, port: int, assoc: Association
-) -> None:
-    if assoc.is_rejected:
-        primitive = assoc.acceptor.primitive
-        result = int(getattr(primitive, "result", 0) or 0)
-        source = int(getattr(primitive, "result_source", 0) or 0)
-        reason = int(getattr(primitive, "diagnostic", 0) or 0)
-        raise GetAssociationRejected(
-            node,
-            f"C-GET association rejected ({'permanent' if result == 1 else 'transient'}, "
-            f"source {source}, reason {reason}); check that the PACS knows AE title "
-            f"{ours!r} and allows it C-GET, and that its AE title is {theirs!r}",
-            permanent=result == 1,
-        )
-    if assoc.is_aborted and assoc.rejected_contexts and not assoc.accepted_contexts:
-        # The PACS answered A-ASSOCIATE-AC accepting none of our contexts, and
-        # pynetdicom then aborts (PS3.8 allows no association without one).
-        raise GetUnsupported(node, "the PACS accepted none of the C-GET and storage contexts")
-    if assoc.is_aborted:
-        raise AssociationAborted(node, "C-GET association aborted during negotiation")
-    raise PacsUnavailable(
-        node,
-        f"cannot open a C-GET association to {host}:{port} "
-        "(connection refused, unreachable or timed out)",
-    )
-
-
-def _check_contexts(node: str, assoc: Association, model: str) -> None:
-    accepted = assoc.accepted_contexts
-    if not any(cx.abstract_syntax == model for cx in accepted):
+def _check_contexts(node: str, assoc: RequestorAssociation, model: str) -> AcceptedContext:
+    """The C-GET context, once the PACS is seen to accept the C-GET and to be able
+    to send us something."""
+    context = assoc.context_for(model)
+    if context is None:
+        if not assoc.accepted_contexts:
+            raise GetUnsupported(node, "the PACS accepted none of the C-GET and storage contexts")
         raise GetUnsupported(node, "the PACS accepted no C-GET presentation context")
-    if not any(cx.abstract_syntax != model and cx.as_scp for cx in accepted):
+    if not any(cx.abstract_syntax != model and cx.scp_role for cx in assoc.accepted_contexts):
         raise GetUnsupported(
             node, "the PACS accepted no storage context with the gateway in the SCP role"
         )
+    return context
 
 
 def _exchange(
-    assoc: Association,
+    assoc: RequestorAssociation,
+    context: AcceptedContext,
     node: str,
-    dimse_timeout: float,
     identifier: Dataset,
-    model: GetModel,
     msg_id: int,
     receiver: _Receiver,
     on_progress: Callable[[MoveProgress], None] | None,
     cancel: threading.Event,
 ) -> MoveResult:
+    """Send the C-GET-RQ, perform the C-STOREs as they come, fold the C-GET-RSPs."""
     progress = MoveProgress()
-    last = time.monotonic()
-    final: Dataset | None = None
-    failed_uids: list[str] = []
-    with CancelWatcher(assoc, msg_id, str(model), cancel) as watcher:
-        for rsp, ident in assoc.send_c_get(identifier, str(model), msg_id=msg_id):
-            now = time.monotonic()
-            if not rsp or "Status" not in rsp:
-                # pynetdicom yields an empty status on A-ABORT and on DIMSE time-out
-                # (after aborting).  C-STOREs count as activity: its timer restarts on
-                # each message, so only a silence that long is a time-out.
-                if now - max(last, receiver.last_store) >= dimse_timeout * 0.9:
-                    raise DimseTimeout(node, f"C-GET: no answer within {dimse_timeout:g} s")
-                raise AssociationAborted(node, "C-GET: association aborted or lost")
-            last = now
-            if fold_response(RetrieveAnswer.of_dataset(rsp), progress, on_progress):
-                if cancel.is_set():
-                    watcher.send()
+    cancelled = False
+    answered = False
+
+    def send_cancel() -> None:
+        nonlocal cancelled
+        if not cancelled:
+            cancelled = True
+            assoc.send_cancel(context, msg_id)
+
+    peer = assoc.peer_address
+    try:
+        assoc.send(
+            context,
+            command(
+                [
+                    (ul.AFFECTED_SOP_CLASS_UID, ul.pad_uid(context.abstract_syntax)),
+                    (ul.COMMAND_FIELD, us(ul.C_GET_RQ)),
+                    (ul.MESSAGE_ID, us(msg_id)),
+                    (ul.PRIORITY, us(0)),
+                    (ul.COMMAND_DATA_SET_TYPE, us(ul.DATA_SET_PRESENT)),
+                ]
+            ),
+            encode_identifier(identifier, context),
+        )
+        while True:
+            msg = assoc.receive(cancel=cancel, on_cancel=send_cancel)
+            answered = True
+            field = msg.us(ul.COMMAND_FIELD)
+            if field == ul.C_STORE_RQ:
+                store_context = assoc.context_by_id(msg.context_id)
+                stored = receiver(msg, store_context, peer)
+                store_id = msg.us(ul.MESSAGE_ID)
+                assoc.send(
+                    store_context,
+                    ul.response(
+                        ul.C_STORE_RSP,
+                        store_id if store_id is not None else 0,
+                        stored,
+                        msg.text(ul.AFFECTED_SOP_CLASS_UID),
+                        msg.text(ul.AFFECTED_SOP_INSTANCE_UID),
+                    ),
+                    None,
+                )
                 continue
-            final, failed_uids = rsp, failed_uid_list(ident)
+            status = msg.status
+            if field != ul.C_GET_RSP or status is None:
+                raise AssociationAborted(node, "C-GET: the PACS sent an unexpected message")
+            if msg.us(ul.MESSAGE_ID_BEING_RESPONDED_TO) != msg_id:
+                raise AssociationAborted(node, "C-GET: the PACS answered another request")
+            answer = RetrieveAnswer(
+                status=status,
+                remaining=msg.us(ul.REMAINING),
+                completed=msg.us(ul.COMPLETED),
+                failed=msg.us(ul.FAILED),
+                warning=msg.us(ul.WARNING),
+                comment=msg.text(ul.ERROR_COMMENT),
+            )
+            if fold_response(answer, progress, on_progress):
+                if cancel.is_set():
+                    send_cancel()
+                continue
             break
-    if final is None:
-        raise AssociationAborted(node, "C-GET ended without a final response")
+        failed_uids = (
+            failed_uid_list(decode_identifier(msg.data_set, context)) if msg.data_set else []
+        )
+    except Silent as exc:
+        raise DimseTimeout(node, f"C-GET: {exc}") from None
+    except Lost as exc:
+        # A closed connection is an A-P-ABORT for the upper layer (PS3.8 §7.4).
+        when = "" if answered else " before any answer"
+        raise AssociationAborted(node, f"C-GET: association aborted{when}: {exc}") from None
     if on_progress is not None:
         on_progress(progress)
-    comment = final.get("ErrorComment")
     return MoveResult(
-        status=int(final.Status),
+        status=answer.status,
         progress=progress,
         failed_sop_uids=failed_uids,
-        comment=str(comment) if comment else None,
+        comment=answer.comment,
     )
 
 

@@ -1,5 +1,5 @@
 """Adjustments to pynetdicom's associations, where the gateway still uses them
-(C-GET with its storage SCP role, the probe, the demo loader)."""
+(the probe and the demo loader; the tests' reference clients)."""
 
 from __future__ import annotations
 
@@ -44,16 +44,3 @@ def set_tcp_nodelay(event: evt.Event) -> None:
     if sock is not None:
         with contextlib.suppress(OSError):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-
-
-# pynetdicom's DUL thread sleeps this long between socket polls when it saw no
-# event: 1 ms by default, which every response of an operation waits out.  Poll
-# fast only while an operation runs; an idle association then costs nothing.
-BUSY_POLL = 0.00005
-IDLE_POLL = 0.001
-
-
-def set_poll_delay(assoc: Association, delay: float) -> None:
-    dul = getattr(assoc, "dul", None)
-    if dul is not None and hasattr(dul, "_run_loop_delay"):
-        dul._run_loop_delay = delay

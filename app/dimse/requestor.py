@@ -71,6 +71,10 @@ class TlsFailed(ConnectFailed):
     """The TLS handshake failed (the message says why)."""
 
 
+class NegotiationAborted(ConnectFailed):
+    """The PACS answered the A-ASSOCIATE-RQ with an A-ABORT."""
+
+
 class Lost(Exception):
     """The association ended under an operation: A-ABORT, a closed or reset connection."""
 
@@ -84,6 +88,9 @@ class AcceptedContext:
     context_id: int
     abstract_syntax: str
     transfer_syntax: str
+    # The PACS granted us the SCP role for this class (PS3.7 D.3.3.4): it may send
+    # C-STORE requests on this context (the sub-operations of a C-GET).
+    scp_role: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,7 +99,7 @@ class Message:
 
     context_id: int
     command: dict[int, bytes]
-    data_set: bytes | None
+    data_set: bytes | bytearray | None
 
     def us(self, elem: int) -> int | None:
         return ul.us(self.command, elem)
@@ -115,7 +122,7 @@ def encode_identifier(identifier: Dataset, context: AcceptedContext) -> bytes:
     return data
 
 
-def decode_identifier(data: bytes, context: AcceptedContext) -> Dataset:
+def decode_identifier(data: bytes | bytearray, context: AcceptedContext) -> Dataset:
     ts = UID(context.transfer_syntax)
     deflated = context.transfer_syntax == _DEFLATED
     return decode(io.BytesIO(data), ts.is_implicit_VR, ts.is_little_endian, deflated)
@@ -166,8 +173,19 @@ class RequestorAssociation:
     # ------------------------------------------------------------------ state
 
     @property
+    def peer_address(self) -> str:
+        try:
+            return str(self._sock.getpeername()[0])
+        except OSError:
+            return "?"
+
+    @property
     def accepted_contexts(self) -> list[AcceptedContext]:
         return list(self._contexts.values())
+
+    def context_by_id(self, context_id: int) -> AcceptedContext:
+        """The context of a PDV that ``receive`` accepted (so it exists)."""
+        return self._contexts[context_id]
 
     def context_for(self, abstract_syntax: str) -> AcceptedContext | None:
         return self._by_class.get(abstract_syntax)
@@ -283,7 +301,7 @@ class RequestorAssociation:
                     self._protocol_error("PDV item length inconsistent with its PDU")
                 if context_id not in self._contexts:
                     self._protocol_error(f"PDV on presentation context {context_id}")
-                fragment = body[pos + 6 : pos + 4 + length]
+                fragment = memoryview(body)[pos + 6 : pos + 4 + length]
                 pos += 4 + length
                 if header & 0x01:
                     if parsed is not None:
@@ -310,7 +328,7 @@ class RequestorAssociation:
                     if header & 0x02:
                         if pos < end:
                             self._protocol_error("more PDVs after the end of a message")
-                        return Message(context_id, parsed, bytes(data))
+                        return Message(context_id, parsed, data)
 
     def _wait(self, cancel: threading.Event) -> bool:
         """Wait for the PACS's next bytes, up to the DIMSE time-out; True when
@@ -323,13 +341,21 @@ class RequestorAssociation:
                 self._time_out()
         return cancel.is_set()
 
-    def _read_pdu(self) -> tuple[int, bytes]:
+    def _read_pdu(self) -> tuple[int, bytes | bytearray]:
         header = self._read(6)
         pdu_type, _, length = ul.PDU_HEADER.unpack(header)
         return pdu_type, self._read(length)
 
-    def _read(self, n: int) -> bytes:
+    def _read(self, n: int) -> bytes | bytearray:
         buf = self._buf
+        if not buf and n > _RECV_CHUNK:
+            # A large PDU (a C-STORE data set of a C-GET): read it in place.
+            whole = bytearray(n)
+            view = memoryview(whole)
+            got = 0
+            while got < n:
+                got += self._recv_into(view[got:])
+            return whole
         while len(buf) < n:
             try:
                 self._sock.settimeout(self.dimse_timeout)
@@ -347,11 +373,25 @@ class RequestorAssociation:
         del buf[:n]
         return out
 
+    def _recv_into(self, view: memoryview) -> int:
+        try:
+            self._sock.settimeout(self.dimse_timeout)
+            got = self._sock.recv_into(view)
+        except TimeoutError:
+            self._time_out()
+        except OSError as exc:
+            self._close()
+            raise Lost(f"connection error: {exc}") from None
+        if not got:
+            self._close()
+            raise Lost("the PACS closed the connection")
+        return got
+
     def _time_out(self) -> NoReturn:
         self.abort()
         raise Silent(f"no answer within {self.dimse_timeout:g} s")
 
-    def _unexpected(self, pdu_type: int, body: bytes) -> NoReturn:
+    def _unexpected(self, pdu_type: int, body: bytes | bytearray) -> NoReturn:
         if pdu_type == ul.A_ABORT:
             self._close()
             source, reason = (body[2], body[3]) if len(body) >= 4 else (0, 0)
@@ -424,8 +464,10 @@ def associate(
     dimse_timeout: float,
     tls: ssl.SSLContext | None = None,
     server_hostname: str | None = None,
+    scp_roles: Sequence[str] = (),
 ) -> RequestorAssociation:
-    """Open an association proposing *contexts* (abstract syntax, transfer syntaxes).
+    """Open an association proposing *contexts* (abstract syntax, transfer syntaxes),
+    asking for the SCP role for the SOP classes in *scp_roles* (C-GET's storage classes).
 
     Raises :class:`AssociateRejected`, :class:`TlsFailed` or :class:`ConnectFailed`.
     """
@@ -445,7 +487,7 @@ def associate(
         proposed = {2 * i + 1: (a, list(ts)) for i, (a, ts) in enumerate(contexts)}
         sock.settimeout(acse_timeout)
         try:
-            sock.sendall(_associate_rq(calling_ae, called_ae, proposed, max_pdu))
+            sock.sendall(_associate_rq(calling_ae, called_ae, proposed, max_pdu, scp_roles))
         except OSError as exc:
             if isinstance(sock, ssl.SSLSocket):
                 # Under TLS 1.3 a refused client certificate arrives as an alert
@@ -468,12 +510,12 @@ def associate(
             raise AssociateRejected(body[1], body[2], body[3])
         if pdu_type == ul.A_ABORT:
             association._close()
-            raise ConnectFailed("the PACS aborted the association during negotiation")
+            raise NegotiationAborted("the PACS aborted the association during negotiation")
         if pdu_type != ul.A_ASSOCIATE_AC or len(body) > _MAX_NEGOTIATION_PDU:
             association.abort()
             raise ConnectFailed(f"unexpected PDU type 0x{pdu_type:02X} in answer to A-ASSOCIATE-RQ")
         try:
-            accepted, peer_max_pdu = _parse_associate_ac(body, proposed)
+            accepted, peer_max_pdu = _parse_associate_ac(bytes(body), proposed)
         except ul.ProtocolError as exc:
             association.abort()
             raise ConnectFailed(f"malformed A-ASSOCIATE-AC: {exc}") from exc
@@ -486,7 +528,11 @@ def associate(
 
 
 def _associate_rq(
-    calling_ae: str, called_ae: str, proposed: dict[int, tuple[str, list[str]]], max_pdu: int
+    calling_ae: str,
+    called_ae: str,
+    proposed: dict[int, tuple[str, list[str]]],
+    max_pdu: int,
+    scp_roles: Sequence[str],
 ) -> bytes:
     items = [ul.item(0x10, ul.APPLICATION_CONTEXT.encode("ascii"))]
     for context_id, (abstract, syntaxes) in proposed.items():
@@ -499,6 +545,10 @@ def _associate_rq(
         + ul.item(0x52, ul.IMPLEMENTATION_CLASS_UID.encode("ascii"))
         + ul.item(0x55, ul.IMPLEMENTATION_VERSION_NAME.encode("ascii"))
     )
+    for sop_class in dict.fromkeys(scp_roles):
+        # PS3.7 D.3.3.4: UID length, UID, SCU role 0, SCP role 1.
+        raw = sop_class.encode("ascii")
+        user += ul.item(0x54, struct.pack(">H", len(raw)) + raw + b"\x00\x01")
     items.append(ul.item(0x50, user))
     fixed = struct.pack(">HH", 0x0001, 0) + _ae_title(called_ae) + _ae_title(calling_ae)
     return ul.pdu(ul.A_ASSOCIATE_RQ, fixed + b"\x00" * 32 + b"".join(items))
@@ -509,8 +559,9 @@ def _parse_associate_ac(
 ) -> tuple[list[AcceptedContext], int]:
     if len(body) < 68:
         raise ul.ProtocolError("A-ASSOCIATE-AC shorter than its fixed fields")
-    accepted: list[AcceptedContext] = []
+    accepted: list[tuple[int, str, str]] = []
     peer_max_pdu = 0
+    scp_roles: set[str] = set()
     for item_type, value in ul.items(body, 68, len(body)):
         if item_type == 0x21:
             if len(value) < 4:
@@ -522,12 +573,17 @@ def _parse_associate_ac(
             abstract, offered = proposed[context_id]
             if len(syntaxes) != 1 or syntaxes[0] not in offered:
                 raise ul.ProtocolError(f"context {context_id} accepted with a syntax not offered")
-            accepted.append(AcceptedContext(context_id, abstract, syntaxes[0]))
+            accepted.append((context_id, abstract, syntaxes[0]))
         elif item_type == 0x50:
             for sub_type, sub_value in ul.items(value, 0, len(value)):
                 if sub_type == 0x51 and len(sub_value) == 4:
                     (peer_max_pdu,) = struct.unpack(">I", sub_value)
-    return accepted, peer_max_pdu
+                elif sub_type == 0x54 and len(sub_value) >= 4:
+                    (length,) = struct.unpack_from(">H", sub_value, 0)
+                    if len(sub_value) == length + 4 and sub_value[length + 3] == 1:
+                        scp_roles.add(ul.uid(sub_value[2 : 2 + length]))
+    contexts = [AcceptedContext(c, a, ts, a in scp_roles) for c, a, ts in accepted]
+    return contexts, peer_max_pdu
 
 
 __all__ = [
@@ -536,6 +592,7 @@ __all__ = [
     "ConnectFailed",
     "Lost",
     "Message",
+    "NegotiationAborted",
     "RequestorAssociation",
     "Silent",
     "TlsFailed",

@@ -285,28 +285,6 @@ def part10_header(
 # --------------------------------------------------------------------------- PDU encoding
 
 
-def _response(
-    command_field: int,
-    message_id: int,
-    status: int,
-    sop_class_uid: str | None,
-    sop_instance_uid: str | None,
-) -> bytes:
-    """A DIMSE-C response command set (PS3.7 §9.3), elements in ascending tag order."""
-    elements: list[tuple[int, bytes]] = []
-    if sop_class_uid:
-        elements.append((0x0002, ul.pad_uid(sop_class_uid)))
-    elements += [
-        (0x0100, ul.US.pack(command_field)),
-        (0x0120, ul.US.pack(message_id)),
-        (0x0800, ul.US.pack(ul.NO_DATA_SET)),
-        (0x0900, ul.US.pack(status)),
-    ]
-    if sop_instance_uid:
-        elements.append((0x1000, ul.pad_uid(sop_instance_uid)))
-    return ul.encode_command(elements)
-
-
 # --------------------------------------------------------------------------- PDU decoding
 
 
@@ -915,7 +893,9 @@ class _Association:
             log.debug("storage SCP: C-ECHO from %s", self.calling_ae)
             self._send_command(
                 context_id,
-                _response(ul.C_ECHO_RSP, message_id, STATUS_SUCCESS, VERIFICATION_SOP_CLASS, None),
+                ul.response(
+                    ul.C_ECHO_RSP, message_id, STATUS_SUCCESS, VERIFICATION_SOP_CLASS, None
+                ),
             )
         elif command_field == ul.C_CANCEL_RQ or command_field & 0x8000:
             log.warning(
@@ -927,7 +907,7 @@ class _Association:
             log.warning(
                 "storage SCP: unsupported command 0x%04X from %s", command_field, self.calling_ae
             )
-            reply = _response(
+            reply = ul.response(
                 command_field | 0x8000,
                 message_id or 0,
                 STATUS_UNRECOGNIZED_OPERATION,
@@ -954,7 +934,7 @@ class _Association:
             log.warning(
                 "storage SCP: C-STORE-RQ from %s without data set or valid UIDs", self.calling_ae
             )
-            reply = _response(
+            reply = ul.response(
                 ul.C_STORE_RSP, message_id, STATUS_CANNOT_UNDERSTAND, sop_class, sop_instance
             )
             self._answer_after_data_set(context_id, has_data_set, reply)
@@ -1049,7 +1029,7 @@ class _Association:
         )
         self._send_command(
             instance.context_id,
-            _response(
+            ul.response(
                 ul.C_STORE_RSP,
                 instance.message_id,
                 status,

@@ -52,6 +52,8 @@ C_ECHO_RSP: Final = 0x8030
 C_CANCEL_RQ: Final = 0x0FFF
 C_FIND_RQ: Final = 0x0020
 C_FIND_RSP: Final = 0x8020
+C_GET_RQ: Final = 0x0010
+C_GET_RSP: Final = 0x8010
 C_MOVE_RQ: Final = 0x0021
 C_MOVE_RSP: Final = 0x8021
 NO_DATA_SET: Final = 0x0101
@@ -67,6 +69,7 @@ PRIORITY: Final = 0x0700
 COMMAND_DATA_SET_TYPE: Final = 0x0800
 STATUS: Final = 0x0900
 ERROR_COMMENT: Final = 0x0902
+AFFECTED_SOP_INSTANCE_UID: Final = 0x1000
 REMAINING: Final = 0x1020
 COMPLETED: Final = 0x1021
 FAILED: Final = 0x1022
@@ -113,6 +116,28 @@ def encode_command(elements: Sequence[tuple[int, bytes]]) -> bytes:
     """An Implicit VR Little Endian group 0000 command set with its group length."""
     body = b"".join(ELEMENT_HEADER.pack(0, elem, len(value)) + value for elem, value in elements)
     return ELEMENT_HEADER.pack(0, 0x0000, 4) + UL.pack(len(body)) + body
+
+
+def response(
+    command_field: int,
+    message_id: int,
+    status: int,
+    sop_class_uid: str | None,
+    sop_instance_uid: str | None,
+) -> bytes:
+    """A DIMSE-C response command set (PS3.7 §9.3), elements in ascending tag order."""
+    elements: list[tuple[int, bytes]] = []
+    if sop_class_uid:
+        elements.append((AFFECTED_SOP_CLASS_UID, pad_uid(sop_class_uid)))
+    elements += [
+        (COMMAND_FIELD, US.pack(command_field)),
+        (MESSAGE_ID_BEING_RESPONDED_TO, US.pack(message_id)),
+        (COMMAND_DATA_SET_TYPE, US.pack(NO_DATA_SET)),
+        (STATUS, US.pack(status)),
+    ]
+    if sop_instance_uid:
+        elements.append((AFFECTED_SOP_INSTANCE_UID, pad_uid(sop_instance_uid)))
+    return encode_command(elements)
 
 
 class ProtocolError(Exception):
