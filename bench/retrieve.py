@@ -125,10 +125,11 @@ AIM_RSS_MB = 300.0
 BIG_SERIES = 7
 BIG_ACCESSION = "ACC2025011510"
 CURL_TIMEOUT = 300
+# A C-MOVE's log line, or a C-GET's with a node configured `retrieve = "get"`.
 _CMOVE_LINE = re.compile(
-    r"C-MOVE \S+ level=(?P<level>\S+) -> \S+ status=0x(?P<status>[0-9A-F]{4}) "
+    r"C-(?:MOVE|GET) \S+ level=(?P<level>\S+) (?:-> \S+ )?status=0x(?P<status>[0-9A-F]{4}) "
     r"completed=(?P<completed>\d+) failed=(?P<failed>\d+) warning=\d+ "
-    r"elapsed=(?P<ms>[\d.]+)ms"
+    r"(?:.*? )?elapsed=(?P<ms>[\d.]+)ms"
 )
 
 
