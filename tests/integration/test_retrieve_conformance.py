@@ -1,0 +1,86 @@
+"""WADO-RS conformance through the gateway in front of Orthanc: what a demanding
+client hits besides the happy path (absent resources, HEAD, query parameters)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import httpx
+import pytest
+
+from tests.gateway_server import GatewayServer, gateway_settings, local_node
+from tests.peers.common import InstanceInfo
+from tests.peers.orthanc import OrthancPeer
+
+pytestmark = pytest.mark.integration
+
+# Valid UIDs that no test data uses.
+ABSENT = "2.25.1234567890"
+
+
+@pytest.fixture(scope="module")
+def gateway(
+    orthanc_peer: OrthancPeer, gateway_storage_port: int, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[GatewayServer]:
+    settings = gateway_settings(
+        tmp_path_factory.mktemp("gw-conformance"),
+        local_node("orthanc", orthanc_peer.aet, orthanc_peer.dicom_port, default=True),
+        storage_port=gateway_storage_port,
+    )
+    with GatewayServer(settings) as gw:
+        yield gw
+
+
+@pytest.fixture(scope="module")
+def instance(orthanc_peer: OrthancPeer) -> InstanceInfo:
+    """One single-frame sample CT instance Orthanc holds."""
+    return next(
+        i
+        for i in orthanc_peer.loaded.values()
+        if i.patient_id == "DGW0001" and i.sop_class_uid == "1.2.840.10008.5.1.4.1.1.2"
+    )
+
+
+def _study(gw: GatewayServer, info: InstanceInfo) -> str:
+    return f"{gw.dicomweb}/studies/{info.study_instance_uid}"
+
+
+def _series(gw: GatewayServer, info: InstanceInfo) -> str:
+    return f"{_study(gw, info)}/series/{info.series_instance_uid}"
+
+
+def _instance(gw: GatewayServer, info: InstanceInfo) -> str:
+    return f"{_series(gw, info)}/instances/{info.sop_instance_uid}"
+
+
+def _assert_json_error(resp: httpx.Response, status: int, error: str) -> None:
+    assert resp.status_code == status, resp.text
+    assert resp.headers["content-type"].startswith("application/json")
+    body = resp.json()
+    assert body["error"] == error
+    assert body["message"] and "Traceback" not in resp.text
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/series/{absent}",
+        "/series/{absent}/metadata",
+        "/series/{absent}/rendered",
+        "/series/{series}/instances/{absent}",
+        "/series/{series}/instances/{absent}/metadata",
+        "/series/{series}/instances/{absent}/frames/1",
+        "/series/{series}/instances/{absent}/rendered",
+        "/series/{series}/instances/{absent}/bulkdata/7FE00010",
+    ],
+)
+def test_absent_series_or_instance_is_404(
+    gateway: GatewayServer, instance: InstanceInfo, path: str
+) -> None:
+    """Orthanc fails a C-MOVE of UIDs it does not hold with 0xC000 (unable to
+    process) where dcmqrscp answers Success with nothing moved; either way the
+    resource does not exist, which is 404 (PS3.18 Table 10.4.3-1), not 502."""
+    tail = path.format(absent=ABSENT, series=instance.series_instance_uid)
+    resp = httpx.get(_study(gateway, instance) + tail, timeout=60)
+    _assert_json_error(resp, 404, "NotFound")
+    assert ABSENT in resp.json()["message"]
