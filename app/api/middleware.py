@@ -82,3 +82,35 @@ class ObservabilityMiddleware:
                 scope["method"], route_template(scope), status, time.perf_counter() - started, sent
             )
             request_id.reset(token)
+
+
+class HeadAsGet:
+    """HEAD answered as the GET of the same URL, without its body.
+
+    RFC 9110 §9.1 asks every general-purpose server to support HEAD wherever it
+    supports GET; FastAPI routes list GET only and would answer 405.  The
+    request runs as a GET so its status and headers are the GET's own; the body
+    ends as soon as the headers are out, after which the server reports the
+    client as gone and a streamed retrieve stops (C-CANCEL) instead of running
+    to its end unread.
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["method"] != "HEAD":
+            await self.app(scope, receive, send)
+            return
+        ended = False
+
+        async def send_head(message: Message) -> None:
+            nonlocal ended
+            if ended:
+                return
+            await send(message)
+            if message["type"] == "http.response.start":
+                await send({"type": "http.response.body", "body": b"", "more_body": False})
+                ended = True
+
+        await self.app({**scope, "method": "GET"}, receive, send_head)

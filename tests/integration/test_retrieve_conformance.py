@@ -84,3 +84,40 @@ def test_absent_series_or_instance_is_404(
     resp = httpx.get(_study(gateway, instance) + tail, timeout=60)
     _assert_json_error(resp, 404, "NotFound")
     assert ABSENT in resp.json()["message"]
+
+
+@pytest.mark.parametrize(
+    ("level", "tail", "accept"),
+    [
+        ("study", "/series", "application/dicom+json"),
+        ("series", "/metadata", "application/dicom+json"),
+        ("instance", "", 'multipart/related; type="application/dicom"'),
+        ("instance", "/frames/1", 'multipart/related; type="application/octet-stream"'),
+        ("instance", "/rendered", "image/png"),
+        ("series", "", 'multipart/related; type="application/dicom"; transfer-syntax=*'),
+    ],
+)
+def test_head_answers_as_get_without_a_body(
+    gateway: GatewayServer, instance: InstanceInfo, level: str, tail: str, accept: str
+) -> None:
+    """RFC 9110 §9.1: a server supports HEAD wherever it supports GET; FastAPI
+    routes alone answer 405 to it (a link checker or proxy then sees an error)."""
+    base = {"study": _study, "series": _series, "instance": _instance}[level](gateway, instance)
+    headers = {"Accept": accept}
+    get = httpx.get(base + tail, headers=headers, timeout=60)
+    head = httpx.head(base + tail, headers=headers, timeout=60)
+    assert get.status_code == 200, get.text
+    assert head.status_code == 200, head.headers
+    assert head.content == b""
+    media = get.headers["content-type"].split(";")[0]
+    assert head.headers["content-type"].split(";")[0] == media
+    if "content-length" in get.headers and level != "series":
+        assert head.headers["content-length"] == get.headers["content-length"]
+
+
+def test_head_of_an_absent_resource_is_404(gateway: GatewayServer, instance: InstanceInfo) -> None:
+    resp = httpx.head(f"{_study(gateway, instance)}/series/{ABSENT}/metadata", timeout=60)
+    assert resp.status_code == 404
+    assert resp.content == b""
+    resp = httpx.head(f"{gateway.dicomweb}/studies", params={"StudyDate": "2024"}, timeout=60)
+    assert resp.status_code == 400
