@@ -10,7 +10,7 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, Query, Request, Response
 from fastapi.responses import StreamingResponse
 
-from app.api import openapi
+from app.api import openapi, parameters
 from app.api.deps import GatewayDep, NodeDep
 from app.api.retrieve import frame_numbers
 from app.cache import CachedInstance
@@ -19,12 +19,15 @@ from app.dicomweb.accept import negotiate_rendered
 from app.dicomweb.query import check_uid
 from app.errors import GatewayError, NotFound
 from app.render.encode import RenderedType
-from app.render.params import RenderParams, parse
+from app.render.params import RenderParams, check_annotation, check_iccprofile, parse
 from app.services import rendering
 from app.services.retrieve import Delivery
 from app.services.studies import series_of_study
 
-router = APIRouter(tags=["WADO-RS rendered"])
+router = APIRouter(
+    tags=["WADO-RS rendered"],
+    dependencies=[Depends(parameters.ignore_unsupported(parameters.RENDERED))],
+)
 
 SERVICE = "dimse-gateway"
 # Thumbnails without a viewport fit this box (they are never enlarged).
@@ -33,6 +36,8 @@ THUMBNAIL_BOX = 256
 WindowParam = Annotated[str | None, Query(description=openapi.WINDOW)]
 ViewportParam = Annotated[str | None, Query(description=openapi.VIEWPORT)]
 QualityParam = Annotated[str | None, Query(description=openapi.QUALITY)]
+AnnotationParam = Annotated[str | None, Query(description=openapi.ANNOTATION)]
+IccProfileParam = Annotated[str | None, Query(description=openapi.ICCPROFILE)]
 
 
 def _media_type(request: Request) -> RenderedType:
@@ -48,12 +53,22 @@ class View:
     media_type: RenderedType
 
 
+def _check_unapplied(annotation: str | None, iccprofile: str | None) -> None:
+    if annotation is not None:
+        check_annotation(annotation)
+    if iccprofile is not None:
+        check_iccprofile(iccprofile)
+
+
 def _rendered_view(
     request: Request,
     window: WindowParam = None,
     viewport: ViewportParam = None,
     quality: QualityParam = None,
+    annotation: AnnotationParam = None,
+    iccprofile: IccProfileParam = None,
 ) -> View:
+    _check_unapplied(annotation, iccprofile)
     return View(parse(window, viewport, quality), _media_type(request))
 
 
@@ -62,7 +77,10 @@ def _thumbnail_view(
     window: WindowParam = None,
     viewport: ViewportParam = None,
     quality: QualityParam = None,
+    annotation: AnnotationParam = None,
+    iccprofile: IccProfileParam = None,
 ) -> View:
+    _check_unapplied(annotation, iccprofile)
     params = parse(window, viewport, quality, default_viewport=THUMBNAIL_BOX)
     return View(params, _media_type(request))
 

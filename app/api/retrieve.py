@@ -11,9 +11,10 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
-from fastapi import APIRouter, Request, Response
+from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import StreamingResponse
 
+from app.api import parameters
 from app.api.audit import add_count, note
 from app.api.deps import GatewayDep, NodeDep, until_disconnected
 from app.cache import CachedInstance
@@ -30,7 +31,10 @@ from app.services.studies import series_of_study
 
 log = logging.getLogger(__name__)
 
-router = APIRouter(tags=["WADO-RS retrieve"])
+router = APIRouter(
+    tags=["WADO-RS retrieve"],
+    dependencies=[Depends(parameters.ignore_unsupported(parameters.RETRIEVE))],
+)
 
 DICOM_JSON = "application/dicom+json"
 SERVICE = "dimse-gateway"

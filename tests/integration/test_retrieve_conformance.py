@@ -121,3 +121,54 @@ def test_head_of_an_absent_resource_is_404(gateway: GatewayServer, instance: Ins
     assert resp.content == b""
     resp = httpx.head(f"{gateway.dicomweb}/studies", params={"StudyDate": "2024"}, timeout=60)
     assert resp.status_code == 400
+
+
+IGNORED = "299 dimse-gateway: The query parameter 'foo' is not supported and was ignored."
+
+
+@pytest.mark.parametrize(
+    ("level", "tail"),
+    [
+        ("series", "/metadata"),
+        ("instance", ""),
+        ("instance", "/frames/1"),
+        ("instance", "/bulkdata/7FE00010"),
+        ("instance", "/rendered"),
+        ("instance", "/thumbnail"),
+        ("series", ""),
+    ],
+)
+def test_unsupported_query_parameters_are_ignored_with_a_warning(
+    gateway: GatewayServer, instance: InstanceInfo, level: str, tail: str
+) -> None:
+    """PS3.18 §8.3: "The origin server shall ignore any unsupported Query
+    Parameters ... and may return a response containing appropriate warning"."""
+    base = {"series": _series, "instance": _instance}[level](gateway, instance)
+    resp = httpx.get(base + tail, params={"foo": "bar", "accept": "*/*"}, timeout=60)
+    assert resp.status_code == 200, resp.text
+    assert resp.headers.get_list("warning") == [IGNORED]
+    plain = httpx.get(base + tail, params={"accept": "*/*", "charset": "utf-8"}, timeout=60)
+    assert plain.status_code == 200
+    assert "warning" not in plain.headers
+    assert plain.content == resp.content or tail in ("", "/frames/1", "/bulkdata/7FE00010")
+
+
+@pytest.mark.parametrize(
+    ("tail", "parameter", "value"),
+    [
+        ("/rendered", "annotation", "everything"),
+        ("/rendered", "iccprofile", "cmyk"),
+        ("/thumbnail", "iccprofile", "maybe"),
+    ],
+)
+def test_supported_query_parameter_with_an_invalid_value_is_400(
+    gateway: GatewayServer, instance: InstanceInfo, tail: str, parameter: str, value: str
+) -> None:
+    """PS3.18 §8.3: a supported parameter with an invalid value is 400
+    (annotation: patient, technique; iccprofile: no, yes, srgb, adobergb, rommrgb)."""
+    resp = httpx.get(_instance(gateway, instance) + tail, params={parameter: value}, timeout=60)
+    _assert_json_error(resp, 400, "InvalidQuery")
+    assert resp.json()["parameter"] == parameter
+    ok = {"annotation": "patient,technique", "iccprofile": "srgb"}[parameter]
+    assert httpx.get(_instance(gateway, instance) + tail, params={parameter: ok}).status_code == 200
+
