@@ -32,12 +32,7 @@ def _check_accept(request: Request) -> None:
     values = request.query_params.getlist("accept") or [request.headers.get("accept", "*/*")]
     offered = [part.split(";")[0].strip().lower() for value in values for part in value.split(",")]
     if offered and not any(t in _ACCEPTABLE or not t for t in offered):
-        raise _NotAcceptable(offered)
-
-
-class _NotAcceptable(NotAcceptable):
-    def __init__(self, offered: list[str]) -> None:
-        super().__init__(
+        raise NotAcceptable(
             f"cannot answer a search as {', '.join(offered)}; searches answer {DICOM_JSON}"
         )
 

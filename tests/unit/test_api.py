@@ -91,6 +91,8 @@ def test_unsupported_accept_is_406(client: httpx.Client) -> None:
     resp = client.get("/dicomweb/studies", headers={"Accept": "application/dicom+xml"})
     assert resp.status_code == 406
     assert "application/dicom+json" in resp.json()["message"]
+    # The same error name as retrieve's 406, not a private class's.
+    assert resp.json()["error"] == "NotAcceptable"
 
 
 def test_unknown_route_is_json_404(client: httpx.Client) -> None:
