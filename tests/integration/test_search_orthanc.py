@@ -300,3 +300,44 @@ def test_limit_with_a_series_key_in_a_study_search(
     assert len(found) == 1
     series = _json(_get(f"{gateway.dicomweb}/studies/{found[0]}/series"))
     assert any(s.get("0008103E", {}).get("Value") == ["t2_tse_obl"] for s in series)
+
+
+@pytest.mark.parametrize(
+    ("path", "attribute", "values"),
+    [
+        ("/studies", "ModalitiesInStudy", ["CT", "MR"]),
+        ("/series", "Modality", ["CT", "M*"]),
+        ("/studies", "PatientSex", ["F", "O"]),
+    ],
+)
+def test_code_string_lists_match_any_value(
+    gateway: GatewayServer,
+    orthanc_peer: OrthancPeer,
+    path: str,
+    attribute: str,
+    values: list[str],
+) -> None:
+    """OHIF's modality filter sends ``ModalitiesInStudy=CT,MR`` when two are
+    ticked. A comma is not a CS character (PS3.5 Table 6.2-1), so the only
+    reading is a list matching any of its values (PS3.18 §8.3.4.1 lists UIDs
+    alike); the gateway used to send the literal value and answer 204.
+    Orthanc's plugin ignores such a key and returns everything: the reference
+    is the union of its answers to each value on its own."""
+    key = SERIES_UID if path == "/series" else STUDY_UID
+    expected: dict[str, dict[str, Any]] = {}
+    for value in values:
+        expected.update(
+            _by_key(_json(_get(orthanc_peer.dicomweb_url + path, [(attribute, value)])), key)
+        )
+    assert expected
+    ours = _json(
+        _get(f"{gateway.url}/pacs/orthanc/dicomweb{path}", [(attribute, ",".join(values))])
+    )
+    compare(
+        ours,
+        list(expected.values()),
+        key,
+        extra_in_orthanc=frozenset(_attributes_above(Level.SERIES))
+        if path == "/series"
+        else frozenset(),
+    )
