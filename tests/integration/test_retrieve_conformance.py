@@ -4,6 +4,7 @@ client hits besides the happy path (absent resources, HEAD, query parameters).""
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import Any
 
 import httpx
 import pytest
@@ -172,3 +173,105 @@ def test_supported_query_parameter_with_an_invalid_value_is_400(
     ok = {"annotation": "patient,technique", "iccprofile": "srgb"}[parameter]
     assert httpx.get(_instance(gateway, instance) + tail, params={parameter: ok}).status_code == 200
 
+
+def _uid(obj: dict[str, Any], tag: str) -> str:
+    value: str = obj[tag]["Value"][0]
+    return value
+
+
+def test_dicomweb_client_searches_with_every_parameter(
+    gateway: GatewayServer, instance: InstanceInfo
+) -> None:
+    """dicomweb-client's search methods, each parameter used, unchanged
+    (``test_search_orthanc.py`` covers the plain calls)."""
+    from dicomweb_client.api import DICOMwebClient
+
+    client = DICOMwebClient(url=gateway.dicomweb)
+    study, series = instance.study_instance_uid, instance.series_instance_uid
+    studies = client.search_for_studies(
+        fuzzymatching=True,
+        limit=1,
+        offset=0,
+        fields=["StudyDescription", "00201208"],
+        search_filters={"PatientName": "doe", "StudyDate": "20190101-20191231"},
+        get_remaining=True,
+        additional_params={"includefield": "PatientSex"},
+    )
+    assert [_uid(s, "0020000D") for s in studies] == [study]
+    assert {"00081030", "00201208", "00100040"} <= set(studies[0])
+    everything = client.search_for_studies()
+    paged = client.search_for_studies(limit=2, get_remaining=True)
+    assert [_uid(s, "0020000D") for s in paged] == [_uid(s, "0020000D") for s in everything]
+    assert client.search_for_studies(offset=len(everything)) == []
+
+    found = client.search_for_series(
+        study, fields=["all"], search_filters={"Modality": "CT"}, limit=5, offset=0
+    )
+    assert [_uid(s, "0020000E") for s in found] == [series]
+    across = client.search_for_series(
+        search_filters={"Modality": "CT", "PatientID": "DGW0001"}, get_remaining=True, limit=1
+    )
+    assert series in {_uid(s, "0020000E") for s in across}
+
+    listed = client.search_for_instances(
+        study, series, fields=["Rows"], get_remaining=True, limit=2
+    )
+    assert instance.sop_instance_uid in {_uid(i, "00080018") for i in listed}
+    assert all("00280010" in i for i in listed)
+    in_study = client.search_for_instances(study, limit=3, offset=1)
+    assert len(in_study) == 3
+    anywhere = client.search_for_instances(
+        search_filters={"SOPInstanceUID": instance.sop_instance_uid}
+    )
+    assert [_uid(i, "00080018") for i in anywhere] == [instance.sop_instance_uid]
+
+
+def test_dicomweb_client_retrieves_and_renders(
+    gateway: GatewayServer, orthanc_peer: OrthancPeer, instance: InstanceInfo
+) -> None:
+    """The retrieve methods ``test_retrieve_orthanc.py`` does not call, unchanged."""
+    from dicomweb_client.api import DICOMwebClient
+
+    client = DICOMwebClient(url=gateway.dicomweb)
+    study, series, sop = (
+        instance.study_instance_uid,
+        instance.series_instance_uid,
+        instance.sop_instance_uid,
+    )
+    stored = {
+        i.sop_instance_uid for i in orthanc_peer.loaded.values() if i.study_instance_uid == study
+    }
+    in_series = {
+        i.sop_instance_uid for i in orthanc_peer.loaded.values() if i.series_instance_uid == series
+    }
+    assert {str(d.SOPInstanceUID) for d in client.retrieve_study(study)} == stored
+    assert {str(d.SOPInstanceUID) for d in client.iter_study(study)} == stored
+    assert {str(d.SOPInstanceUID) for d in client.iter_series(study, series)} == in_series
+    study_meta = client.retrieve_study_metadata(study)
+    assert {_uid(m, "00080018") for m in study_meta} == stored
+    series_meta = client.retrieve_series_metadata(study, series)
+    assert {_uid(m, "00080018") for m in series_meta} == in_series
+
+    ds = client.retrieve_instance(study, series, sop, media_types=(("application/dicom", "*"),))
+    frames = list(client.iter_instance_frames(study, series, sop, [1]))
+    assert frames == [ds.PixelData]
+    # dicomweb-client sends "Host: 127.0.0.1" without the port (web.py, _http_get),
+    # so the absolute BulkDataURI built from it names port 80 (Orthanc's plugin
+    # does the same); the path is the gateway's, and is asked on the right port.
+    meta = next(m for m in series_meta if _uid(m, "00080018") == sop)
+    path = "/dicomweb/" + meta["7FE00010"]["BulkDataURI"].split("/dicomweb/", 1)[1]
+    bulk = client.retrieve_bulkdata(gateway.url + path)
+    assert bulk == [ds.PixelData]
+    assert list(client.iter_bulkdata(gateway.url + path)) == [ds.PixelData]
+
+    jpeg = client.retrieve_instance_rendered(study, series, sop)
+    assert jpeg.startswith(b"\xff\xd8")
+    png = client.retrieve_instance_rendered(
+        study, series, sop, media_types=("image/png",), params={"viewport": "32,32"}
+    )
+    assert png.startswith(b"\x89PNG")
+    assert client.retrieve_instance_frames_rendered(study, series, sop, [1]).startswith(b"\xff\xd8")
+    # A series renders as one JPEG part per instance (see docs/conformance.md);
+    # the client hands back the multipart body as it came.
+    body = client.retrieve_series_rendered(study, series, media_types=("image/jpeg",))
+    assert body.count(b"Content-Type: image/jpeg") == len(in_series)
