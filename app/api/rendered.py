@@ -14,12 +14,14 @@ from app.api import openapi, parameters
 from app.api.deps import GatewayDep, NodeDep
 from app.api.retrieve import frame_numbers
 from app.cache import CachedInstance
+from app.config import PacsNode
 from app.dicomweb import multipart
 from app.dicomweb.accept import negotiate_rendered
 from app.dicomweb.query import check_uid
 from app.errors import GatewayError, NotFound
 from app.render.encode import RenderedType
 from app.render.params import RenderParams, check_annotation, check_iccprofile, parse
+from app.runtime import Gateway
 from app.services import rendering
 from app.services.retrieve import Delivery
 from app.services.studies import series_of_study
@@ -110,6 +112,16 @@ def _check(**uids: str) -> None:
 
 def _image(body: bytes, media_type: RenderedType) -> Response:
     return Response(body, media_type=str(media_type))
+
+
+async def _one_frame(
+    gateway: Gateway, node: PacsNode, uids: tuple[str, str, str], frame: int, view: View
+) -> Response:
+    """One rendered frame of one instance (the instance and thumbnail resources)."""
+    inst = await gateway.retriever.instance(node, *uids)
+    return _image(
+        await rendering.rendered(inst, frame, view.params, view.media_type), view.media_type
+    )
 
 
 def _multipart(parts: list[tuple[bytes, str]], media_type: RenderedType) -> Response:
@@ -219,9 +231,7 @@ async def instance_rendered(
     view: RenderedView,
 ) -> Response:
     _check(study=study, series=series, instance=instance)
-    params, media_type = view.params, view.media_type
-    inst = await gateway.retriever.instance(node, study, series, instance)
-    return _image(await rendering.rendered(inst, 1, params, media_type), media_type)
+    return await _one_frame(gateway, node, (study, series, instance), 1, view)
 
 
 @router.get(
@@ -312,9 +322,7 @@ async def instance_thumbnail(
     view: ThumbnailView,
 ) -> Response:
     _check(study=study, series=series, instance=instance)
-    params, media_type = view.params, view.media_type
-    inst = await gateway.retriever.instance(node, study, series, instance)
-    return _image(await rendering.rendered(inst, 1, params, media_type), media_type)
+    return await _one_frame(gateway, node, (study, series, instance), 1, view)
 
 
 @router.get(
@@ -334,6 +342,4 @@ async def frames_thumbnail(
 ) -> Response:
     _check(study=study, series=series, instance=instance)
     number = frame_numbers(frames)[0]
-    params, media_type = view.params, view.media_type
-    inst = await gateway.retriever.instance(node, study, series, instance)
-    return _image(await rendering.rendered(inst, number, params, media_type), media_type)
+    return await _one_frame(gateway, node, (study, series, instance), number, view)
