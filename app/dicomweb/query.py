@@ -331,8 +331,18 @@ def _match_value(name: str, path: tuple[int, ...], raw: str) -> tuple[str, str]:
         raise InvalidQuery(name, f"a {vr} value holds ASCII characters only")
     if len(value) > 1024:
         raise InvalidQuery(name, "value is too long")
+    if vr == "PN":
+        value = _short_name(value)
     _check_length(name, vr, value)
     return vr, value
+
+
+def _short_name(value: str) -> str:
+    """A PN key without trailing empty components and groups (PS3.5 6.2.1.1):
+    ``Doe^John^^`` is ``Doe^John``, which is what a PACS comparing keys
+    literally (Orthanc) finds."""
+    short = "=".join(group.rstrip("^") for group in value.split("=")).rstrip("=")
+    return short or value
 
 
 def _check_code(name: str, code: str) -> None:

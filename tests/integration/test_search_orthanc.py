@@ -341,3 +341,20 @@ def test_code_string_lists_match_any_value(
         if path == "/series"
         else frozenset(),
     )
+
+
+@pytest.mark.parametrize("name", ["Doe^John^^^", "Doe^John^", "Doe^John=", "doe^john^^=="])
+def test_trailing_empty_name_components_are_insignificant(
+    gateway: GatewayServer, orthanc_peer: OrthancPeer, name: str
+) -> None:
+    """PS3.5 6.2.1.1: trailing empty components and component groups of a PN
+    may be left out, so ``Doe^John^^^`` is ``Doe^John``.  Orthanc (plugin and
+    C-FIND) compares the key literally and finds nothing; the gateway sends the
+    short form."""
+    # '^' and '=' unencoded: Orthanc 1.10's plugin does not percent-decode them.
+    plugin = orthanc_peer.dicomweb_url + "/studies?PatientName="
+    reference = _json(_get(plugin + "Doe^John"))
+    assert reference
+    assert not _json(_get(plugin + name))
+    ours = _json(_get(f"{gateway.url}/pacs/orthanc/dicomweb/studies", [("PatientName", name)]))
+    compare(ours, reference, STUDY_UID)

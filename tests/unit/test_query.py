@@ -79,6 +79,21 @@ def test_code_string_list(value: str) -> None:
     assert q.matches[0].value == "CT\\MR"
 
 
+@pytest.mark.parametrize(
+    ("value", "sent"),
+    [
+        ("Doe^John^^^", "Doe^John"),
+        ("Doe^John==", "Doe^John"),
+        ("Yamada^Tarou=山田^太郎^=", "Yamada^Tarou=山田^太郎"),
+        ("=山田*", "=山田*"),
+        ("^John", "^John"),
+        ("^", "^"),
+    ],
+)
+def test_person_name_without_trailing_empty_components(value: str, sent: str) -> None:
+    assert parse_qido(Level.STUDY, [("PatientName", value)]).matches[0].value == sent
+
+
 def test_repeated_match_key_is_refused() -> None:
     with pytest.raises(InvalidQuery) as info:
         parse_qido(Level.STUDY, [("PatientID", "a"), ("00100020", "b")])
