@@ -99,8 +99,11 @@ class HeadAsGet:
         self.app = app
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["method"] != "HEAD":
+        if scope["type"] != "http":
             await self.app(scope, receive, send)
+            return
+        if scope["method"] != "HEAD":
+            await self.app(scope, receive, _allow_head(send))
             return
         ended = False
 
@@ -114,3 +117,17 @@ class HeadAsGet:
                 ended = True
 
         await self.app({**scope, "method": "GET"}, receive, send_head)
+
+
+def _allow_head(send: Send) -> Send:
+    """A 405's ``Allow`` names HEAD wherever it names GET (RFC 9110 §15.5.6)."""
+
+    async def send_allowing_head(message: Message) -> None:
+        if message["type"] == "http.response.start" and message["status"] == 405:
+            headers = MutableHeaders(scope=message)
+            allowed = [m.strip() for m in headers.get("allow", "").split(",") if m.strip()]
+            if "GET" in allowed and "HEAD" not in allowed:
+                headers["allow"] = ", ".join([*allowed, "HEAD"])
+        await send(message)
+
+    return send_allowing_head

@@ -95,6 +95,15 @@ def test_unsupported_accept_is_406(client: httpx.Client) -> None:
     assert resp.json()["error"] == "NotAcceptable"
 
 
+def test_method_not_allowed_lists_head(client: httpx.Client) -> None:
+    """RFC 9110 §15.5.6: a 405 lists the methods the resource supports, HEAD
+    with GET (every GET route answers HEAD)."""
+    resp = client.post("/dicomweb/studies")
+    assert resp.status_code == 405
+    assert resp.json()["error"] == "HTTPError"
+    assert {m.strip() for m in resp.headers["allow"].split(",")} == {"GET", "HEAD"}
+
+
 def test_unknown_route_is_json_404(client: httpx.Client) -> None:
     resp = client.get("/dicomweb/nothing-here")
     assert resp.status_code == 404
