@@ -91,8 +91,8 @@ class HeadAsGet:
     supports GET; FastAPI routes list GET only and would answer 405.  The
     request runs as a GET so its status and headers are the GET's own; the body
     ends as soon as the headers are out, after which the server reports the
-    client as gone and a streamed retrieve stops (C-CANCEL) instead of running
-    to its end unread.
+    client as gone (uvicorn), so a streamed retrieve is left as when a client
+    goes away instead of running to its end unread.
     """
 
     def __init__(self, app: ASGIApp) -> None:
