@@ -127,6 +127,14 @@ STUDY_QUERIES = [
     [("ModalitiesInStudy", "MR")],
     [("includefield", "StudyDescription"), ("includefield", "00081030,00080090")],
     [("PatientID", "DGW0001"), ("includefield", "all")],
+    [("StudyTime", "080000-120000")],
+    [("StudyTime", "-1000")],
+    [("StudyDate", "20190314"), ("StudyTime", "081500")],
+    [("PatientBirthDate", "-19700101")],
+    [("PatientSex", "F")],
+    [("PatientName", "*john")],
+    [("ModalitiesInStudy", "C*")],
+    [("includefield", "00100040,00100030"), ("includefield", "NumberOfStudyRelatedInstances")],
 ]
 
 
