@@ -7,6 +7,7 @@ import logging
 import mmap
 import os
 import threading
+from collections import Counter
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -431,6 +432,13 @@ def frame_numbers(text: str) -> list[int]:
         raise InvalidRequest("frame numbers start at 1")
     if len(numbers) > 10000:
         raise InvalidRequest("too many frames in one request")
+    repeated = sorted(n for n, count in Counter(numbers).items() if count > 1)
+    if repeated:
+        # Each repetition would be one more copy of the frame in an answer
+        # built in memory: a short URL must not buy an unbounded body.
+        raise InvalidRequest(
+            f"a frame list names a frame more than once: {', '.join(map(str, repeated[:5]))}"
+        )
     return numbers
 
 

@@ -275,3 +275,30 @@ def test_dicomweb_client_retrieves_and_renders(
     # the client hands back the multipart body as it came.
     body = client.retrieve_series_rendered(study, series, media_types=("image/jpeg",))
     assert body.count(b"Content-Type: image/jpeg") == len(in_series)
+
+
+@pytest.mark.parametrize(
+    ("frames", "status", "fragment"),
+    [
+        ("0", 400, "start at 1"),
+        ("-1", 400, "start at 1"),
+        ("1.5", 400, "comma-separated list of numbers"),
+        ("2", 404, "frame 2 does not exist"),
+        ("99999999999999999999", 404, "does not exist"),
+        ("1,1", 400, "more than once"),
+        (",".join(["1"] * 3000), 400, "more than once"),
+    ],
+)
+def test_frame_lists_refused_with_a_json_reason(
+    gateway: GatewayServer, instance: InstanceInfo, frames: str, status: int, fragment: str
+) -> None:
+    """Frame numbers are 1-based and within the object.  A number twice is
+    refused: each repetition would be another copy of the frame in an answer
+    built in memory (3000 repeats of one 512x512 frame are 1.5 GB from a 6 KB URL)."""
+    resp = httpx.get(f"{_instance(gateway, instance)}/frames/{frames}", timeout=60)
+    _assert_json_error(resp, status, "InvalidRequest" if status == 400 else "NotFound")
+    assert fragment in resp.json()["message"]
+    for suffix in ("/rendered", "/thumbnail"):
+        if status == 400:
+            again = httpx.get(f"{_instance(gateway, instance)}/frames/{frames}{suffix}")
+            _assert_json_error(again, 400, "InvalidRequest")
