@@ -318,8 +318,12 @@ class Retriever:
 
         Orthanc fails a move of UIDs it does not hold (0xC000) where dcmqrscp
         answers Success with nothing moved; to a client both are an absent
-        resource (404), not a PACS failure (502).
+        resource (404), not a PACS failure (502).  Only "unable to process"
+        (Cxxx) is asked about: a refusal (0122 SOP class not supported, A7xx,
+        A801, A900) says nothing about the UIDs.
         """
+        if not 0xC000 <= failure.status <= 0xCFFF:
+            return failure
         target = fetch.target
         pool = self.pools[node.name]
         if await holds(pool, target.study, target.series, target.instance) is not False:
