@@ -27,7 +27,8 @@ from app.api import (
 from app.api.audit import AuditLog, AuditMiddleware
 from app.api.limits import RequestLimits
 from app.api.middleware import HEADER as REQUEST_ID_HEADER
-from app.api.middleware import ObservabilityMiddleware
+from app.api.middleware import HeadAsGet, ObservabilityMiddleware
+from app.api.parameters import IgnoredParameterWarnings
 from app.auth import Authenticator
 from app.config import Settings, load_settings
 from app.metrics import Metrics
@@ -106,8 +107,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.authenticator = Authenticator(settings)
     errors.install(app)
     openapi.install(app)
-    # Innermost first: the audit sees the route and every answer, CORS decorates
-    # them all, and the request limits refuse before anything else runs.
+    # Innermost first: ignored query parameters become Warnings (sharing the
+    # router's scope), HEAD runs as GET below the rest (which see it as HEAD),
+    # the audit sees the route and every answer, CORS decorates them all, and
+    # the request limits refuse before anything else runs.
+    app.add_middleware(IgnoredParameterWarnings)
+    app.add_middleware(HeadAsGet)
     if audit is not None:
         app.add_middleware(AuditMiddleware, log=audit)
     app.add_middleware(

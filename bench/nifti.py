@@ -595,18 +595,10 @@ def _e2e_lines(e2e: dict[str, Any]) -> list[str]:
 
 
 def write_doc(section: str, path: Path = DOC_PATH) -> None:
-    """Replace our section of ``path`` (or append it), leaving the rest alone.  The
-    file is read right before writing: other scripts write their own sections."""
-    text = path.read_text(encoding="utf-8") if path.exists() else DOC_INTRO
-    start, end = text.find(MARK_START), text.find(MARK_END)
-    if start != -1 and end > start:
-        end += len(MARK_END)
-        if text[end : end + 1] == "\n":
-            end += 1
-        text = text[:start] + section + text[end:]
-    else:
-        text = text.rstrip("\n") + "\n\n" + section
-    path.write_text(text, encoding="utf-8")
+    # Here, not at the top: the measured child imports this module (and no httpx).
+    from bench.common import write_doc_section
+
+    write_doc_section(path, section, MARK_START, MARK_END, DOC_INTRO)
 
 
 def _load() -> str:

@@ -53,9 +53,7 @@ import platform
 import re
 import shlex
 import shutil
-import signal
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -68,10 +66,10 @@ from typing import Any
 import httpx
 
 from app.sampledata import benchmark_ct, sample_studies, write_datasets
-from tests.peers.common import LOOPBACK, free_port, port_is_open
+from bench.common import GATEWAY_AE, LOOPBACK, REPO, GatewayProcess, sh, write_doc_section
+from tests.peers.common import free_port
 from tests.peers.orthanc import ORTHANC_BINARY, OrthancPeer, orthanc_available
 
-REPO = Path(__file__).resolve().parents[1]
 DOC_PATH = REPO / "docs" / "benchmarks.md"
 JSON_PATH = REPO / "bench" / "results" / "qido_latency.json"
 MARK_START = "<!-- qido-latency:start -->"
@@ -84,7 +82,6 @@ re-running a script replaces only its own section.  The machines are shared and
 noisy: compare numbers within one run, not across runs.
 """
 
-GATEWAY_AE = "DIMSEGW"
 ORTHANC_AET = "ORTHANC"
 MAX_ASSOCIATIONS = 4
 # Orthanc serves each open association from a pool of DicomThreadsCount (default 4)
@@ -149,14 +146,6 @@ def _log(message: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 
 
-def _sh(cmd: Sequence[str]) -> str:
-    try:
-        out = subprocess.run(cmd, capture_output=True, text=True, timeout=20, check=False, cwd=REPO)
-    except (OSError, subprocess.SubprocessError) as exc:
-        return f"(failed: {exc})"
-    return (out.stdout or out.stderr).strip()
-
-
 def _proc_cpu_s(pid: int | None) -> float:
     """User + system CPU seconds of a process, all threads (from /proc/PID/stat)."""
     if pid is None:
@@ -169,113 +158,22 @@ def _proc_cpu_s(pid: int | None) -> float:
     return (int(fields[11]) + int(fields[12])) / CLK_TCK
 
 
-class GatewayProcess:
-    """``dimse-gateway serve --config FILE`` as a child process in its own session."""
-
-    def __init__(self, workdir: Path, orthanc: OrthancPeer) -> None:
-        self.workdir = workdir
-        self.workdir.mkdir(parents=True, exist_ok=True)
-        self.http_port = free_port()
-        self.storage_port = free_port()
-        self.config_path = workdir / "gateway.toml"
-        self.log_path = workdir / "gateway.log"
-        self.process: subprocess.Popen[bytes] | None = None
-        nodes = []
-        for name, reuse in (("pooled", True), ("unpooled", False)):
-            nodes.append(
-                "[[nodes]]\n"
-                f'name = "{name}"\n'
-                f'ae_title = "{orthanc.aet}"\n'
-                f'host = "{LOOPBACK}"\n'
-                f"port = {orthanc.dicom_port}\n"
-                f"max_associations = {MAX_ASSOCIATIONS}\n"
-                f"reuse_associations = {'true' if reuse else 'false'}\n"
-                + ("default = true\n" if name == "pooled" else "")
-            )
-        self.config_text = (
-            "# Written by bench/qido_latency.py\n"
-            "[gateway]\n"
-            f'ae_title = "{GATEWAY_AE}"\n'
-            f"storage_port = {self.storage_port}\n"
-            f'storage_host = "{LOOPBACK}"\n'
-            f'http_host = "{LOOPBACK}"\n'
-            f"http_port = {self.http_port}\n"
-            f'work_dir = "{workdir / "work"}"\n'
-            # The default level: one INFO line per C-FIND, as deployed (and parsed here).
-            'log_level = "INFO"\n\n' + "\n".join(nodes)
-        )
-        self.config_path.write_text(self.config_text, encoding="utf-8")
-        script = Path(sys.executable).with_name("dimse-gateway")
-        self.command = ([str(script)] if script.exists() else [sys.executable, "-m", "app.cli"]) + [
-            "serve",
-            "--config",
-            str(self.config_path),
-        ]
-
-    @property
-    def url(self) -> str:
-        return f"http://{LOOPBACK}:{self.http_port}"
-
-    @property
-    def pid(self) -> int | None:
-        return self.process.pid if self.process is not None else None
-
-    def start(self, timeout: float = 30.0) -> None:
-        env = {k: v for k, v in os.environ.items() if not k.startswith("DIMSE_GATEWAY_")}
-        # The gateway runs the code of this checkout, whatever the venv's editable install
-        # points at.
-        env["PYTHONPATH"] = os.pathsep.join(
-            [str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])]
-        )
-        with self.log_path.open("ab") as log:
-            self.process = subprocess.Popen(
-                self.command,
-                cwd=REPO,
-                env=env,
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
-        deadline = time.monotonic() + timeout
-        while True:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"the gateway exited during start-up:\n{self.log_tail()}")
-            if port_is_open(LOOPBACK, self.http_port):
-                with contextlib.suppress(httpx.HTTPError):
-                    if httpx.get(f"{self.url}/health", timeout=2, trust_env=False).is_success:
-                        return
-            if time.monotonic() > deadline:
-                raise RuntimeError(
-                    f"the gateway is not ready after {timeout} s:\n{self.log_tail()}"
-                )
-            time.sleep(0.05)
-
-    def stop(self) -> None:
-        proc = self.process
-        if proc is None or proc.poll() is not None:
-            return
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(proc.pid, signal.SIGKILL)
-            proc.wait(5)
-
-    def log_size(self) -> int:
-        return self.log_path.stat().st_size if self.log_path.exists() else 0
-
-    def log_since(self, offset: int) -> str:
-        with self.log_path.open("rb") as log:
-            log.seek(offset)
-            return log.read().decode("utf-8", "replace")
-
-    def log_tail(self, lines: int = 40) -> str:
-        if not self.log_path.exists():
-            return "(no log)"
-        return "\n".join(self.log_path.read_text("utf-8", "replace").splitlines()[-lines:])
+def gateway_process(workdir: Path, orthanc: OrthancPeer) -> GatewayProcess:
+    """The gateway with two nodes in front of the same Orthanc: ``pooled``
+    (the default) and ``unpooled`` (a new association per C-FIND)."""
+    nodes = [
+        {
+            "name": name,
+            "ae_title": orthanc.aet,
+            "host": LOOPBACK,
+            "port": orthanc.dicom_port,
+            "max_associations": MAX_ASSOCIATIONS,
+            "reuse_associations": reuse,
+            **({"default": True} if name == "pooled" else {}),
+        }
+        for name, reuse in (("pooled", True), ("unpooled", False))
+    ]
+    return GatewayProcess(workdir, nodes=nodes, written_by="bench/qido_latency.py")
 
 
 # --------------------------------------------------------------------------- measuring
@@ -605,14 +503,14 @@ def machine_info() -> dict[str, Any]:
 
 def versions(orthanc: OrthancPeer) -> dict[str, str]:
     out = {"python": platform.python_version()}
-    out["orthanc"] = _sh([ORTHANC_BINARY, "--version"]).splitlines()[0]
+    out["orthanc"] = sh([ORTHANC_BINARY, "--version"]).splitlines()[0]
     with contextlib.suppress(httpx.HTTPError, ValueError, KeyError):
         out["orthanc_dicomweb"] = str(orthanc.rest_get("/plugins/dicom-web")["Version"])
     for package in ("pynetdicom", "pydicom", "fastapi", "uvicorn", "uvloop", "httpx"):
         with contextlib.suppress(metadata.PackageNotFoundError):
             out[package] = metadata.version(package)
-    commit = _sh(["git", "rev-parse", "--short", "HEAD"])
-    dirty = _sh(["git", "status", "--porcelain", "--", "app"])
+    commit = sh(["git", "rev-parse", "--short", "HEAD"])
+    dirty = sh(["git", "status", "--porcelain", "--", "app"])
     out["gateway_commit"] = commit + (" (app/ has uncommitted changes)" if dirty else "")
     return out
 
@@ -802,14 +700,7 @@ def verdicts(points: Sequence[dict[str, Any]], pool_state: dict[str, Any]) -> di
 
 
 def write_doc(section: str, path: Path = DOC_PATH) -> None:
-    text = path.read_text(encoding="utf-8") if path.exists() else DOC_INTRO
-    start, end = text.find(MARK_START), text.find(MARK_END)
-    if start != -1 and end > start:
-        text = text[:start] + section + text[end + len(MARK_END) :].lstrip("\n")
-    else:
-        text = text.rstrip("\n") + "\n\n" + section
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text, encoding="utf-8")
+    write_doc_section(path, section, MARK_START, MARK_END, DOC_INTRO)
 
 
 # --------------------------------------------------------------------------- main
@@ -936,7 +827,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             )
         _log(f"Orthanc holds {len(loaded.loaded)} instances (loaded in {loaded.seconds:.1f} s)")
         queries = _queries(orthanc.loaded)
-        gateway = GatewayProcess(work / "gateway", orthanc)
+        gateway = gateway_process(work / "gateway", orthanc)
         gateway.start()
         _log(f"gateway pid {gateway.pid} on {gateway.url}; Orthanc pid {orthanc.pid}")
 

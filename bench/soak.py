@@ -56,10 +56,7 @@ import os
 import platform
 import random
 import re
-import shlex
-import signal
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
@@ -76,13 +73,12 @@ import httpx
 from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
 
-REPO = Path(__file__).resolve().parents[1]
+from bench.common import GATEWAY_AE, LOOPBACK, REPO, GatewayProcess, sh, write_doc_section
+
 DOC_PATH = REPO / "docs" / "benchmarks.md"
 RESULTS_PATH = REPO / "bench" / "results" / "soak.json"
 MARK_START = "<!-- soak:start -->"
 MARK_END = "<!-- soak:end -->"
-LOOPBACK = "127.0.0.1"
-GATEWAY_AE = "DIMSEGW"
 NODE = "orthanc"
 ACCEPT = 'multipart/related; type="application/dicom"; transfer-syntax=*'
 TAIL_PATIENT_ID = "DGW0009"
@@ -236,113 +232,29 @@ def prepare_data(folder: Path, tail_series: int, tail_slices: int, seed: str) ->
 # --------------------------------------------------------------------------- processes
 
 
-def _clean_env() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("DIMSE_GATEWAY_")}
-    for proxy in ("http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY", "all_proxy"):
-        env.pop(proxy, None)
-    env["PYTHONPATH"] = os.pathsep.join([str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])])
-    return env
-
-
-class GatewayProcess:
-    """``dimse-gateway serve --config FILE`` in a session of its own."""
-
-    def __init__(self, workdir: Path, orthanc_aet: str, orthanc_port: int, storage_port: int):
-        from tests.peers.common import free_port
-
-        workdir.mkdir(parents=True, exist_ok=True)
-        self.work_dir = workdir / "work"
-        self.http_port = free_port()
-        self.storage_port = storage_port
-        self.config_path = workdir / "gateway.toml"
-        self.log_path = workdir / "gateway.log"
-        self.process: subprocess.Popen[bytes] | None = None
-        self.config_path.write_text(
-            "# Written by bench/soak.py\n"
-            "[gateway]\n"
-            f'ae_title = "{GATEWAY_AE}"\n'
-            f"storage_port = {storage_port}\n"
-            f'storage_host = "{LOOPBACK}"\n'
-            f'http_host = "{LOOPBACK}"\n'
-            f"http_port = {self.http_port}\n"
-            f'work_dir = "{self.work_dir}"\n'
-            f"cache_max_bytes = {CACHE_BYTES}\n"
-            'log_level = "INFO"\n'
-            "\n[[nodes]]\n"
-            f'name = "{NODE}"\n'
-            f'ae_title = "{orthanc_aet}"\n'
-            f'host = "{LOOPBACK}"\n'
-            f"port = {orthanc_port}\n"
-            "default = true\n"
-            f"max_associations = {MAX_ASSOCIATIONS}\n"
-            f"idle_timeout = {IDLE_TIMEOUT}\n"
-            "dimse_timeout = 15\n"
-            "acquire_timeout = 30\n",
-            encoding="utf-8",
-        )
-        script = Path(sys.executable).with_name("dimse-gateway")
-        self.command = ([str(script)] if script.exists() else [sys.executable, "-m", "app.cli"]) + [
-            "serve",
-            "--config",
-            str(self.config_path),
-        ]
-
-    @property
-    def url(self) -> str:
-        return f"http://{LOOPBACK}:{self.http_port}"
-
-    @property
-    def pid(self) -> int:
-        assert self.process is not None
-        return self.process.pid
-
-    def start(self, timeout: float = 30.0) -> None:
-        from tests.peers.common import port_is_open
-
-        with self.log_path.open("ab") as log:
-            log.write(f"=== {time.strftime('%H:%M:%S')} {shlex.join(self.command)}\n".encode())
-            log.flush()
-            self.process = subprocess.Popen(
-                self.command,
-                cwd=REPO,
-                env=_clean_env(),
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
-        deadline = time.monotonic() + timeout
-        while True:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"the gateway exited during start-up:\n{self.log_tail()}")
-            if port_is_open(LOOPBACK, self.http_port) and port_is_open(LOOPBACK, self.storage_port):
-                with contextlib.suppress(httpx.HTTPError):
-                    if httpx.get(f"{self.url}/health", timeout=2, trust_env=False).is_success:
-                        return
-            if time.monotonic() > deadline:
-                raise RuntimeError(
-                    f"the gateway is not ready after {timeout} s:\n{self.log_tail()}"
-                )
-            time.sleep(0.05)
-
-    def stop(self) -> None:
-        proc = self.process
-        if proc is None or proc.poll() is not None:
-            return
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(proc.pid, signal.SIGKILL)
-            proc.wait(5)
-
-    def log_text(self) -> str:
-        return self.log_path.read_text("utf-8", "replace") if self.log_path.exists() else ""
-
-    def log_tail(self, lines: int = 40) -> str:
-        return "\n".join(self.log_text().splitlines()[-lines:]) or "(no log)"
+def gateway_process(
+    workdir: Path, orthanc_aet: str, orthanc_port: int, storage_port: int
+) -> GatewayProcess:
+    """The gateway with one node in front of the soak's Orthanc: a small cache
+    (evictions happen), short idle time and time-outs (restarts show quickly)."""
+    node = {
+        "name": NODE,
+        "ae_title": orthanc_aet,
+        "host": LOOPBACK,
+        "port": orthanc_port,
+        "default": True,
+        "max_associations": MAX_ASSOCIATIONS,
+        "idle_timeout": IDLE_TIMEOUT,
+        "dimse_timeout": 15,
+        "acquire_timeout": 30,
+    }
+    return GatewayProcess(
+        workdir,
+        nodes=[node],
+        gateway={"cache_max_bytes": CACHE_BYTES},
+        storage_port=storage_port,
+        written_by="bench/soak.py",
+    )
 
 
 def children(pid: int) -> list[int]:
@@ -733,7 +645,7 @@ class Soak:
             modalities={GATEWAY_AE: (GATEWAY_AE, LOOPBACK, storage_port)},
         )
         self.orthanc.start()
-        self.gateway = GatewayProcess(
+        self.gateway = gateway_process(
             self.workdir / "gateway", self.orthanc.aet, self.orthanc.dicom_port, storage_port
         )
         try:
@@ -987,14 +899,6 @@ class Soak:
 # --------------------------------------------------------------------------- report
 
 
-def _sh(cmd: Sequence[str]) -> str:
-    try:
-        out = subprocess.run(cmd, capture_output=True, text=True, timeout=20, check=False)
-    except (OSError, subprocess.SubprocessError) as exc:
-        return f"(failed: {exc})"
-    return (out.stdout or out.stderr).strip()
-
-
 def _machine(load_start: tuple[float, float, float]) -> dict[str, Any]:
     cpu = "?"
     with contextlib.suppress(OSError):
@@ -1018,8 +922,8 @@ def _machine(load_start: tuple[float, float, float]) -> dict[str, Any]:
 
 
 def _code() -> str:
-    head = _sh(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"])
-    dirty = _sh(["git", "-C", str(REPO), "status", "--porcelain", "--", "app"]).splitlines()
+    head = sh(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"])
+    dirty = sh(["git", "-C", str(REPO), "status", "--porcelain", "--", "app"]).splitlines()
     if not dirty:
         return f"commit {head}"
     return f"commit {head} with uncommitted changes in " + ", ".join(
@@ -1032,7 +936,7 @@ def _versions() -> dict[str, str]:
     for dist in ("dimse-gateway", "uvicorn", "fastapi", "httpx", "pydicom", "pynetdicom"):
         with contextlib.suppress(metadata.PackageNotFoundError):
             versions[dist] = metadata.version(dist)
-    orthanc = re.search(r"(\d+\.\d+\.\d+)", _sh(["/usr/sbin/Orthanc", "--version"]))
+    orthanc = re.search(r"(\d+\.\d+\.\d+)", sh(["/usr/sbin/Orthanc", "--version"]))
     versions["orthanc"] = orthanc.group(1) if orthanc else "?"
     return versions
 
@@ -1127,15 +1031,8 @@ def render(result: dict[str, Any]) -> str:
 
 
 def write_doc(section: str) -> None:
-    text = DOC_PATH.read_text(encoding="utf-8") if DOC_PATH.exists() else "# Benchmarks\n"
-    block = f"{MARK_START}\n{section}{MARK_END}"
-    if MARK_START in text and MARK_END in text:
-        head, rest = text.split(MARK_START, 1)
-        _, tail = rest.split(MARK_END, 1)
-        text = head + block + tail
-    else:
-        text = text.rstrip("\n") + "\n" + block + "\n"
-    DOC_PATH.write_text(text, encoding="utf-8")
+    block = f"{MARK_START}\n{section}{MARK_END}\n"
+    write_doc_section(DOC_PATH, block, MARK_START, MARK_END, "# Benchmarks\n")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

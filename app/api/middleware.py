@@ -82,3 +82,52 @@ class ObservabilityMiddleware:
                 scope["method"], route_template(scope), status, time.perf_counter() - started, sent
             )
             request_id.reset(token)
+
+
+class HeadAsGet:
+    """HEAD answered as the GET of the same URL, without its body.
+
+    RFC 9110 §9.1 asks every general-purpose server to support HEAD wherever it
+    supports GET; FastAPI routes list GET only and would answer 405.  The
+    request runs as a GET so its status and headers are the GET's own; the body
+    ends as soon as the headers are out, after which the server reports the
+    client as gone (uvicorn), so a streamed retrieve is left as when a client
+    goes away instead of running to its end unread.
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        if scope["method"] != "HEAD":
+            await self.app(scope, receive, _allow_head(send))
+            return
+        ended = False
+
+        async def send_head(message: Message) -> None:
+            nonlocal ended
+            if ended:
+                return
+            await send(message)
+            if message["type"] == "http.response.start":
+                await send({"type": "http.response.body", "body": b"", "more_body": False})
+                ended = True
+
+        await self.app({**scope, "method": "GET"}, receive, send_head)
+
+
+def _allow_head(send: Send) -> Send:
+    """A 405's ``Allow`` names HEAD wherever it names GET (RFC 9110 §15.5.6)."""
+
+    async def send_allowing_head(message: Message) -> None:
+        if message["type"] == "http.response.start" and message["status"] == 405:
+            headers = MutableHeaders(scope=message)
+            allowed = [m.strip() for m in headers.get("allow", "").split(",") if m.strip()]
+            if "GET" in allowed and "HEAD" not in allowed:
+                headers["allow"] = ", ".join([*allowed, "HEAD"])
+        await send(message)
+
+    return send_allowing_head

@@ -27,6 +27,12 @@ VIEWPORT = (
     "ratio kept."
 )
 QUALITY = "JPEG quality 1-100 (default 90); ignored for PNG and GIF (lossless)."
+ANNOTATION = (
+    "`patient` and/or `technique` (PS3.18 §8.3.5.1.1): checked, not applied (no burned-in text)."
+)
+ICCPROFILE = (
+    "`no`, `yes`, `srgb`, `adobergb` or `rommrgb` (PS3.18 §8.3.5.1.5): checked, not applied."
+)
 
 _RENDER_COMMON = (
     "\n\nMedia type by `Accept` header or `accept` query parameter: `image/jpeg` (default), "

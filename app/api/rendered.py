@@ -10,21 +10,26 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, Query, Request, Response
 from fastapi.responses import StreamingResponse
 
-from app.api import openapi
+from app.api import openapi, parameters
 from app.api.deps import GatewayDep, NodeDep
 from app.api.retrieve import frame_numbers
 from app.cache import CachedInstance
+from app.config import PacsNode
 from app.dicomweb import multipart
 from app.dicomweb.accept import negotiate_rendered
 from app.dicomweb.query import check_uid
 from app.errors import GatewayError, NotFound
 from app.render.encode import RenderedType
-from app.render.params import RenderParams, parse
+from app.render.params import RenderParams, check_annotation, check_iccprofile, parse
+from app.runtime import Gateway
 from app.services import rendering
 from app.services.retrieve import Delivery
 from app.services.studies import series_of_study
 
-router = APIRouter(tags=["WADO-RS rendered"])
+router = APIRouter(
+    tags=["WADO-RS rendered"],
+    dependencies=[Depends(parameters.ignore_unsupported(parameters.RENDERED))],
+)
 
 SERVICE = "dimse-gateway"
 # Thumbnails without a viewport fit this box (they are never enlarged).
@@ -33,6 +38,8 @@ THUMBNAIL_BOX = 256
 WindowParam = Annotated[str | None, Query(description=openapi.WINDOW)]
 ViewportParam = Annotated[str | None, Query(description=openapi.VIEWPORT)]
 QualityParam = Annotated[str | None, Query(description=openapi.QUALITY)]
+AnnotationParam = Annotated[str | None, Query(description=openapi.ANNOTATION)]
+IccProfileParam = Annotated[str | None, Query(description=openapi.ICCPROFILE)]
 
 
 def _media_type(request: Request) -> RenderedType:
@@ -48,12 +55,22 @@ class View:
     media_type: RenderedType
 
 
+def _check_unapplied(annotation: str | None, iccprofile: str | None) -> None:
+    if annotation is not None:
+        check_annotation(annotation)
+    if iccprofile is not None:
+        check_iccprofile(iccprofile)
+
+
 def _rendered_view(
     request: Request,
     window: WindowParam = None,
     viewport: ViewportParam = None,
     quality: QualityParam = None,
+    annotation: AnnotationParam = None,
+    iccprofile: IccProfileParam = None,
 ) -> View:
+    _check_unapplied(annotation, iccprofile)
     return View(parse(window, viewport, quality), _media_type(request))
 
 
@@ -62,7 +79,10 @@ def _thumbnail_view(
     window: WindowParam = None,
     viewport: ViewportParam = None,
     quality: QualityParam = None,
+    annotation: AnnotationParam = None,
+    iccprofile: IccProfileParam = None,
 ) -> View:
+    _check_unapplied(annotation, iccprofile)
     params = parse(window, viewport, quality, default_viewport=THUMBNAIL_BOX)
     return View(params, _media_type(request))
 
@@ -92,6 +112,16 @@ def _check(**uids: str) -> None:
 
 def _image(body: bytes, media_type: RenderedType) -> Response:
     return Response(body, media_type=str(media_type))
+
+
+async def _one_frame(
+    gateway: Gateway, node: PacsNode, uids: tuple[str, str, str], frame: int, view: View
+) -> Response:
+    """One rendered frame of one instance (the instance and thumbnail resources)."""
+    inst = await gateway.retriever.instance(node, *uids)
+    return _image(
+        await rendering.rendered(inst, frame, view.params, view.media_type), view.media_type
+    )
 
 
 def _multipart(parts: list[tuple[bytes, str]], media_type: RenderedType) -> Response:
@@ -201,9 +231,7 @@ async def instance_rendered(
     view: RenderedView,
 ) -> Response:
     _check(study=study, series=series, instance=instance)
-    params, media_type = view.params, view.media_type
-    inst = await gateway.retriever.instance(node, study, series, instance)
-    return _image(await rendering.rendered(inst, 1, params, media_type), media_type)
+    return await _one_frame(gateway, node, (study, series, instance), 1, view)
 
 
 @router.get(
@@ -294,9 +322,7 @@ async def instance_thumbnail(
     view: ThumbnailView,
 ) -> Response:
     _check(study=study, series=series, instance=instance)
-    params, media_type = view.params, view.media_type
-    inst = await gateway.retriever.instance(node, study, series, instance)
-    return _image(await rendering.rendered(inst, 1, params, media_type), media_type)
+    return await _one_frame(gateway, node, (study, series, instance), 1, view)
 
 
 @router.get(
@@ -316,6 +342,4 @@ async def frames_thumbnail(
 ) -> Response:
     _check(study=study, series=series, instance=instance)
     number = frame_numbers(frames)[0]
-    params, media_type = view.params, view.media_type
-    inst = await gateway.retriever.instance(node, study, series, instance)
-    return _image(await rendering.rendered(inst, number, params, media_type), media_type)
+    return await _one_frame(gateway, node, (study, series, instance), number, view)

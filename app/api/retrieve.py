@@ -7,13 +7,15 @@ import logging
 import mmap
 import os
 import threading
+from collections import Counter
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
-from fastapi import APIRouter, Request, Response
+from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import StreamingResponse
 
+from app.api import parameters
 from app.api.audit import add_count, note
 from app.api.deps import GatewayDep, NodeDep, until_disconnected
 from app.cache import CachedInstance
@@ -30,7 +32,10 @@ from app.services.studies import series_of_study
 
 log = logging.getLogger(__name__)
 
-router = APIRouter(tags=["WADO-RS retrieve"])
+router = APIRouter(
+    tags=["WADO-RS retrieve"],
+    dependencies=[Depends(parameters.ignore_unsupported(parameters.RETRIEVE))],
+)
 
 DICOM_JSON = "application/dicom+json"
 SERVICE = "dimse-gateway"
@@ -427,6 +432,13 @@ def frame_numbers(text: str) -> list[int]:
         raise InvalidRequest("frame numbers start at 1")
     if len(numbers) > 10000:
         raise InvalidRequest("too many frames in one request")
+    repeated = sorted(n for n, count in Counter(numbers).items() if count > 1)
+    if repeated:
+        # Each repetition would be one more copy of the frame in an answer
+        # built in memory: a short URL must not buy an unbounded body.
+        raise InvalidRequest(
+            f"a frame list names a frame more than once: {', '.join(map(str, repeated[:5]))}"
+        )
     return numbers
 
 

@@ -10,16 +10,15 @@ from fastapi import APIRouter, Request, Response
 from app.api.audit import note
 from app.api.deps import ClientGone, GatewayDep, NodeDep, until_disconnected
 from app.config import PacsNode
+from app.dicomweb.accept import ResourceKind, negotiate
 from app.dicomweb.attributes import Level
 from app.dicomweb.json import dataset_to_json, dumps
 from app.dicomweb.query import apply_limits, check_patient_id, check_uid, parse_qido
-from app.errors import NotAcceptable
 from app.runtime import Gateway
 from app.services.search import SearchResult, run_search
 
 DICOM_JSON = "application/dicom+json"
 SERVICE = "dimse-gateway"
-_ACCEPTABLE = {DICOM_JSON, "application/json", "*/*", "application/*"}
 
 _STUDY = 0x0020000D
 _SERIES = 0x0020000E
@@ -29,17 +28,9 @@ router = APIRouter(tags=["QIDO-RS search"])
 
 
 def _check_accept(request: Request) -> None:
-    values = request.query_params.getlist("accept") or [request.headers.get("accept", "*/*")]
-    offered = [part.split(";")[0].strip().lower() for value in values for part in value.split(",")]
-    if offered and not any(t in _ACCEPTABLE or not t for t in offered):
-        raise _NotAcceptable(offered)
-
-
-class _NotAcceptable(NotAcceptable):
-    def __init__(self, offered: list[str]) -> None:
-        super().__init__(
-            f"cannot answer a search as {', '.join(offered)}; searches answer {DICOM_JSON}"
-        )
+    """406 (or 400 for a malformed Accept) before any C-FIND is sent."""
+    accept = request.headers.get("accept")
+    negotiate(ResourceKind.SEARCH, accept, request.query_params.getlist("accept"))
 
 
 def _base_url(request: Request) -> str:

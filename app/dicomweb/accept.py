@@ -33,6 +33,7 @@ resource   media type                                           transfer syntax
 INSTANCES  ``multipart/related; type="application/dicom"``      default EVRLE, ``*``
            ``application/dicom`` (only with ``single=True``)
 METADATA   ``application/dicom+json``, ``application/json``     none
+SEARCH     (as METADATA)
 FRAMES     ``multipart/related; type="application/octet-stream"``  default EVRLE, ``*``
            ``application/octet-stream`` (only with ``single=True``)
 BULKDATA   ``multipart/related; type="application/octet-stream"``  default EVRLE, ``*``
@@ -78,10 +79,12 @@ _MAX_ECHO = 300
 
 
 class ResourceKind(enum.Enum):
-    """What a WADO-RS request retrieves (PS3.18 Table 10.4.1-1 and §10.4.1.1)."""
+    """What a WADO-RS request retrieves (PS3.18 Table 10.4.1-1 and §10.4.1.1), or a
+    QIDO-RS search, whose results negotiate as metadata does."""
 
     INSTANCES = "instances"  # study, series or instance: DICOM Part 10 instances
     METADATA = "metadata"  # DICOM JSON of study, series or instance
+    SEARCH = "search"  # QIDO-RS results: DICOM JSON too (PS3.18 Table 10.6.4-1)
     FRAMES = "frames"  # pixel data of some frames of one instance
     BULKDATA = "bulkdata"  # one bulk data value, or the pixel data of an instance
 
@@ -196,8 +199,11 @@ def negotiate_rendered(accept_header: str | None, accept_params: Sequence[str]) 
     )
 
 
+_JSON_KINDS = (ResourceKind.METADATA, ResourceKind.SEARCH)
+
+
 def _default(resource: ResourceKind) -> Negotiated:
-    if resource is ResourceKind.METADATA:
+    if resource in _JSON_KINDS:
         return Negotiated(_DICOM_JSON, _DICOM_JSON, None)
     part = _DICOM if resource is ResourceKind.INSTANCES else _OCTET_STREAM
     return Negotiated(_multipart(part), part, EXPLICIT_VR_LITTLE_ENDIAN)
@@ -208,7 +214,7 @@ def _multipart(part_type: str) -> str:
 
 
 def _offers(resource: ResourceKind, single: bool) -> list[str]:
-    if resource is ResourceKind.METADATA:
+    if resource in _JSON_KINDS:
         return [_DICOM_JSON, _JSON]
     part = _DICOM if resource is ResourceKind.INSTANCES else _OCTET_STREAM
     syntaxes = f"transfer-syntax {EXPLICIT_VR_LITTLE_ENDIAN} (default) or *"
@@ -224,7 +230,7 @@ def _match(
     """The offer *rng* selects, or None (with the reason appended when it is not obvious)."""
     if rng.type == "*/*":
         return _default(resource)
-    if resource is ResourceKind.METADATA:
+    if resource in _JSON_KINDS:
         if rng.type in (_DICOM_JSON, _JSON):
             return Negotiated(rng.type, rng.type, None)
         if rng.type == "application/*":

@@ -14,6 +14,7 @@ converting (or warning about) anything pydicom would find invalid.
 from __future__ import annotations
 
 import calendar
+import dataclasses
 import functools
 import re
 import unicodedata
@@ -61,7 +62,8 @@ def matches(ds: Dataset, key: MatchKey, *, fuzzy: bool = False) -> bool | None:
       single name component (``joh`` finds ``Doe^John``); a key with several
       ``^``-separated components must begin the component in the same position
       (``do^j`` finds ``Doe^John``). Other VRs ignore it.
-    - UI keys with several values (``1.2\\1.3``) match any of them (C.2.2.2.2).
+    - UI keys with several values (``1.2\\1.3``) match any of them (C.2.2.2.2),
+      and so do CS keys (``CT\\MR``, each value may hold wild cards).
     - DA, TM and DT take single values and ranges ``A-B``, ``-B``, ``A-``
       (C.2.2.2.5). Values are compared as instants, not strings, so a stored
       TM ``0930`` is 09:30:00 and falls inside ``0900-093000``. A key value is
@@ -173,6 +175,11 @@ def _matcher(key: MatchKey, fuzzy: bool) -> _Matcher:
     if vr == "UI":
         uids = frozenset(value.split("\\"))
         return uids.__contains__
+    if vr == "CS" and "\\" in value:
+        codes = [
+            _matcher(dataclasses.replace(key, value=code), fuzzy) for code in value.split("\\")
+        ]
+        return lambda stored: any(match(stored) for match in codes)
     if vr == "DA":
         return _range_matcher(value, _da_bounds)
     if vr == "TM":

@@ -314,16 +314,41 @@ def _match_value(name: str, path: tuple[int, ...], raw: str) -> tuple[str, str]:
         raise InvalidQuery(name, f"{value[:40]!r} is out of the range of an IS value")
     elif vr == "AS" and value and not _AS.match(value):
         raise InvalidQuery(name, f"{value[:40]!r} is not an age such as 045Y")
+    if vr == "CS" and ("," in value or "\\" in value):
+        # A comma is not a CS character (PS3.5 Table 6.2-1): the only reading is
+        # a list, as for UIDs (OHIF's modality filter sends ModalitiesInStudy=CT,MR).
+        codes = [code.strip() for code in re.split(r"[,\\]", value)]
+        if not all(codes):
+            raise InvalidQuery(name, "a list of codes has an empty entry")
+        for code in codes:
+            _check_code(name, code)
+        return vr, "\\".join(codes)
     if "\\" in value and vr != "UI":
-        raise InvalidQuery(name, "lists of values are only supported for UIDs")
+        raise InvalidQuery(name, "lists of values are only supported for UIDs and codes (CS)")
     if (_CONTROL_IN_TEXT if vr in ("LT", "ST", "UT") else _CONTROL).search(value):
         raise InvalidQuery(name, "control characters are not allowed in a value")
     if vr not in _CHARSET_VRS and not value.isascii():
         raise InvalidQuery(name, f"a {vr} value holds ASCII characters only")
     if len(value) > 1024:
         raise InvalidQuery(name, "value is too long")
+    if vr == "PN":
+        value = _short_name(value)
     _check_length(name, vr, value)
     return vr, value
+
+
+def _short_name(value: str) -> str:
+    """A PN key without trailing empty components and groups (PS3.5 6.2.1.1):
+    ``Doe^John^^`` is ``Doe^John``, which is what a PACS comparing keys
+    literally (Orthanc) finds."""
+    short = "=".join(group.rstrip("^") for group in value.split("=")).rstrip("=")
+    return short or value
+
+
+def _check_code(name: str, code: str) -> None:
+    if _CONTROL.search(code) or not code.isascii():
+        raise InvalidQuery(name, f"{code[:40]!r} is not a code string")
+    _check_length(name, "CS", code)
 
 
 def _check_length(name: str, vr: str, value: str) -> None:

@@ -1,8 +1,9 @@
 """The rendering query parameters of PS3.18 §8.3.5.1: ``window``, ``viewport``, ``quality``.
 
 Unknown parameters are ignored, as PS3.18 §8.3 asks; ``annotation`` and
-``iccprofile`` are accepted and not applied (no burned-in text, no ICC
-profile), which the conformance statement says.
+``iccprofile`` are checked (a supported parameter with an invalid value is
+400, §8.3) and not applied (no burned-in text, no ICC profile), which the
+conformance statement says.
 """
 
 from __future__ import annotations
@@ -127,6 +128,23 @@ def parse_quality(text: str) -> int:
     if not 1 <= value <= 100:
         raise InvalidQuery("quality", "must be between 1 and 100")
     return value
+
+
+# PS3.18 §8.3.5.1.1 and §8.3.5.1.5.
+ANNOTATIONS = ("patient", "technique")
+ICC_PROFILES = ("no", "yes", "srgb", "adobergb", "rommrgb")
+
+
+def check_annotation(text: str) -> None:
+    """``annotation=patient,technique`` (either or both)."""
+    for item in text.split(","):
+        if item.strip().lower() not in ANNOTATIONS:
+            raise InvalidQuery("annotation", f"{item.strip()[:30]!r} is not patient or technique")
+
+
+def check_iccprofile(text: str) -> None:
+    if text.strip().lower() not in ICC_PROFILES:
+        raise InvalidQuery("iccprofile", f"{text[:30]!r} is not one of {', '.join(ICC_PROFILES)}")
 
 
 def parse(

@@ -94,3 +94,25 @@ async def expected_instances(
         )
         return None
     return frozenset().union(*found)
+
+
+async def holds(
+    pool: AssociationPool, study: str, series: str | None = None, sop: str | None = None
+) -> bool | None:
+    """Whether the PACS lists this study, series or instance: one C-FIND at its
+    level with every UID as a key; None when the C-FIND fails (it cannot say)."""
+    keys = [_uid_key(Level.STUDY, study)]
+    level = Level.STUDY
+    if series:
+        keys.append(_uid_key(Level.SERIES, series))
+        level = Level.SERIES
+    if series and sop:
+        keys.append(_uid_key(Level.IMAGE, sop))
+        level = Level.IMAGE
+    try:
+        return bool(await _uids(pool, level, keys))
+    except GatewayError as exc:
+        log.info(
+            "could not tell whether %s is on %s: %s", sop or series or study, pool.node.name, exc
+        )
+        return None

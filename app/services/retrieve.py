@@ -38,8 +38,15 @@ from app.dimse.pool import AssociationPool
 from app.dimse.storeproc import Arrival, Expectation, StorageProcess, StorageProcessError
 from app.dimse.storescp import IncomingInstance
 from app.dimse.uidscan import file_study_series
-from app.errors import AssociationAborted, GatewayError, NotFound, PacsError, RetrieveIncomplete
-from app.services.expected import expected_count, expected_instances
+from app.errors import (
+    AssociationAborted,
+    GatewayError,
+    NotFound,
+    PacsError,
+    PacsFailureStatus,
+    RetrieveIncomplete,
+)
+from app.services.expected import expected_count, expected_instances, holds
 
 log = logging.getLogger(__name__)
 
@@ -290,6 +297,8 @@ class Retriever:
                 _log_not_arrived(node, fetch, result)
             # sqlite, behind the lock the storage threads take: off the loop.
             await asyncio.to_thread(self._remember_complete, fetch, result)
+        except PacsFailureStatus as exc:
+            error = exc if fetch.arrived else await self._unless_absent(node, fetch, exc)
         except GatewayError as exc:
             error = exc
         except asyncio.CancelledError:
@@ -301,6 +310,31 @@ class Retriever:
             if self._fetches.get(target) is fetch:
                 del self._fetches[target]
             fetch.finish(result, error)
+
+    async def _unless_absent(
+        self, node: PacsNode, fetch: Fetch, failure: PacsFailureStatus
+    ) -> GatewayError:
+        """NotFound when the PACS does not hold what was asked for, else *failure*.
+
+        Orthanc fails a move of UIDs it does not hold (0xC000) where dcmqrscp
+        answers Success with nothing moved; to a client both are an absent
+        resource (404), not a PACS failure (502).  Only "unable to process"
+        (Cxxx) is asked about: a refusal (0122 SOP class not supported, A7xx,
+        A801, A900) says nothing about the UIDs.
+        """
+        if not 0xC000 <= failure.status <= 0xCFFF:
+            return failure
+        target = fetch.target
+        pool = self.pools[node.name]
+        if await holds(pool, target.study, target.series, target.instance) is not False:
+            return failure
+        if target.instance:
+            what = f"instance {target.instance} of series {target.series}"
+        elif target.series:
+            what = f"series {target.series} of study {target.study}"
+        else:
+            what = f"study {target.study}"
+        return NotFound(f"{what} was not found on {node.name!r}")
 
     async def _expected(self, node: PacsNode, fetch: Fetch) -> frozenset[str] | None:
         """What the PACS says the retrieve should have brought (see services/expected.py)."""

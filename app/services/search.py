@@ -248,8 +248,13 @@ class Searcher:
         gateway matches them itself (case- and accent-free, by name component).
         A PACS that matches names case-sensitively gets each letter as ``?``
         (PS3.4 C.2.2.2.4): it returns a superset that the gateway then matches
-        without regard to case, as PS3.4 C.2.2.2.1 allows for PN.
+        without regard to case, as PS3.4 C.2.2.2.1 allows for PN.  A list of
+        codes goes as a universal key, matched here.
         """
+        if key.vr == "CS" and "\\" in key.value:
+            # Baseline C-FIND takes one value per key (lists are for UIDs only,
+            # PS3.4 C.2.2.2.2): the PACS returns every value, the gateway matches.
+            return MatchKey(key.path, key.vr, "", key.level, key.parameter)
         if key.vr == "PN" and key.value:
             if self.query.fuzzymatching:
                 return MatchKey(key.path, key.vr, "", key.level, key.parameter)

@@ -127,6 +127,14 @@ STUDY_QUERIES = [
     [("ModalitiesInStudy", "MR")],
     [("includefield", "StudyDescription"), ("includefield", "00081030,00080090")],
     [("PatientID", "DGW0001"), ("includefield", "all")],
+    [("StudyTime", "080000-120000")],
+    [("StudyTime", "-1000")],
+    [("StudyDate", "20190314"), ("StudyTime", "081500")],
+    [("PatientBirthDate", "-19700101")],
+    [("PatientSex", "F")],
+    [("PatientName", "*john")],
+    [("ModalitiesInStudy", "C*")],
+    [("includefield", "00100040,00100030"), ("includefield", "NumberOfStudyRelatedInstances")],
 ]
 
 
@@ -300,3 +308,80 @@ def test_limit_with_a_series_key_in_a_study_search(
     assert len(found) == 1
     series = _json(_get(f"{gateway.dicomweb}/studies/{found[0]}/series"))
     assert any(s.get("0008103E", {}).get("Value") == ["t2_tse_obl"] for s in series)
+
+
+@pytest.mark.parametrize(
+    ("path", "attribute", "values"),
+    [
+        ("/studies", "ModalitiesInStudy", ["CT", "MR"]),
+        ("/series", "Modality", ["CT", "M*"]),
+        ("/studies", "PatientSex", ["F", "O"]),
+    ],
+)
+def test_code_string_lists_match_any_value(
+    gateway: GatewayServer,
+    orthanc_peer: OrthancPeer,
+    path: str,
+    attribute: str,
+    values: list[str],
+) -> None:
+    """OHIF's modality filter sends ``ModalitiesInStudy=CT,MR`` when two are
+    ticked. A comma is not a CS character (PS3.5 Table 6.2-1), so the only
+    reading is a list matching any of its values (PS3.18 §8.3.4.1 lists UIDs
+    alike); the gateway used to send the literal value and answer 204.
+    Orthanc's plugin ignores such a key and returns everything: the reference
+    is the union of its answers to each value on its own."""
+    key = SERIES_UID if path == "/series" else STUDY_UID
+    expected: dict[str, dict[str, Any]] = {}
+    for value in values:
+        expected.update(
+            _by_key(_json(_get(orthanc_peer.dicomweb_url + path, [(attribute, value)])), key)
+        )
+    assert expected
+    ours = _json(
+        _get(f"{gateway.url}/pacs/orthanc/dicomweb{path}", [(attribute, ",".join(values))])
+    )
+    compare(
+        ours,
+        list(expected.values()),
+        key,
+        extra_in_orthanc=frozenset(_attributes_above(Level.SERIES))
+        if path == "/series"
+        else frozenset(),
+    )
+
+
+@pytest.mark.parametrize("name", ["Doe^John^^^", "Doe^John^", "Doe^John=", "doe^john^^=="])
+def test_trailing_empty_name_components_are_insignificant(
+    gateway: GatewayServer, orthanc_peer: OrthancPeer, name: str
+) -> None:
+    """PS3.5 6.2.1.1: trailing empty components and component groups of a PN
+    may be left out, so ``Doe^John^^^`` is ``Doe^John``.  Orthanc (plugin and
+    C-FIND) compares the key literally and finds nothing; the gateway sends the
+    short form."""
+    # '^' and '=' unencoded: Orthanc 1.10's plugin does not percent-decode them.
+    plugin = orthanc_peer.dicomweb_url + "/studies?PatientName="
+    reference = _json(_get(plugin + "Doe^John"))
+    assert reference
+    assert not _json(_get(plugin + name))
+    ours = _json(_get(f"{gateway.url}/pacs/orthanc/dicomweb/studies", [("PatientName", name)]))
+    compare(ours, reference, STUDY_UID)
+
+
+def test_fuzzy_matching_where_orthanc_matches_literally(
+    gateway: GatewayServer, orthanc_peer: OrthancPeer
+) -> None:
+    """A named difference: Orthanc 1.10's plugin takes ``fuzzymatching=true``
+    and matches literally without the Warning PS3.18 §8.3.4.2 asks of a server
+    that does not support it (``muller`` finds nothing there); the gateway
+    matches names case- and accent-free by component, and finds what Orthanc
+    finds for the exact name."""
+    params = [("PatientName", "muller"), ("fuzzymatching", "true")]
+    plugin = _get(orthanc_peer.dicomweb_url + "/studies", params)
+    assert _json(plugin) == []
+    assert "warning" not in plugin.headers
+    exact = _json(_get(orthanc_peer.dicomweb_url + "/studies?PatientName=M*ller^J*rgen"))
+    assert exact
+    ours = _get(f"{gateway.url}/pacs/orthanc/dicomweb/studies", params)
+    assert "warning" not in ours.headers
+    compare(_json(ours), exact, STUDY_UID)

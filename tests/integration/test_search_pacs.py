@@ -148,6 +148,16 @@ class TestSearchEveryPacs:
             series = t.series(lambda ds, s=study: ds.StudyInstanceUID == s)
             assert value(obj, "00201206") == len(series)
 
+    def test_code_lists_match_any_code(
+        self, gateway: GatewayServer, truth: dict[str, Truth], pacs: str
+    ) -> None:
+        """OHIF's two-modality filter: derived (dcmqrscp) or native (Orthanc)."""
+        t = truth[pacs]
+        got = uids(search(gateway, pacs, "/studies", ModalitiesInStudy="US,MR"), STUDY)
+        assert got == t.studies(lambda ds: ds.Modality == "MR") != set()
+        got = uids(search(gateway, pacs, "/series", Modality="CT\\PT"), SERIES)
+        assert got == t.series(lambda ds: ds.Modality == "CT") != set()
+
     def test_series_of_each_study(
         self, gateway: GatewayServer, truth: dict[str, Truth], pacs: str
     ) -> None:

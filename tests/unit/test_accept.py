@@ -131,6 +131,7 @@ def test_single_part_application_dicom_only_for_one_instance() -> None:
 DEFAULTS = {
     INSTANCES: dicom(EVRLE),
     METADATA: DICOM_JSON,
+    ResourceKind.SEARCH: DICOM_JSON,
     FRAMES: octets(EVRLE),
     BULKDATA: octets(EVRLE),
 }

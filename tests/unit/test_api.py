@@ -91,6 +91,37 @@ def test_unsupported_accept_is_406(client: httpx.Client) -> None:
     resp = client.get("/dicomweb/studies", headers={"Accept": "application/dicom+xml"})
     assert resp.status_code == 406
     assert "application/dicom+json" in resp.json()["message"]
+    # The same error name as retrieve's 406, not a private class's.
+    assert resp.json()["error"] == "NotAcceptable"
+
+
+@pytest.mark.parametrize(
+    ("accept", "status"),
+    [
+        ("application/dicom+json;q=0", 406),
+        ("*/*;q=0", 406),
+        ("application/dicom+json;q=0, */*", 406),
+        ("application/dicom+json;q=abc", 400),
+        ("application/json", 503),
+        ("text/html;q=0.9, application/*;q=0.1", 503),
+    ],
+)
+def test_search_accept_honours_q_values(client: httpx.Client, accept: str, status: int) -> None:
+    """A search negotiates as metadata does (RFC 9110 §12.4.2: q=0 is "not
+    acceptable"); it used to answer DICOM JSON to an Accept refusing it.  503:
+    negotiation passed and the (stopped) PACS was asked."""
+    resp = client.get("/dicomweb/studies", headers={"Accept": accept})
+    assert resp.status_code == status, resp.text
+    assert resp.headers["content-type"].startswith("application/json")
+
+
+def test_method_not_allowed_lists_head(client: httpx.Client) -> None:
+    """RFC 9110 §15.5.6: a 405 lists the methods the resource supports, HEAD
+    with GET (every GET route answers HEAD)."""
+    resp = client.post("/dicomweb/studies")
+    assert resp.status_code == 405
+    assert resp.json()["error"] == "HTTPError"
+    assert {m.strip() for m in resp.headers["allow"].split(",")} == {"GET", "HEAD"}
 
 
 def test_unknown_route_is_json_404(client: httpx.Client) -> None:

@@ -124,7 +124,10 @@ def test_multi_valued_attribute_matches_if_any_value_matches() -> None:
     assert matches(ds, key("ModalitiesInStudy", "CT")) is True
     assert matches(ds, key("ModalitiesInStudy", "US")) is False
     assert matches(ds, key("ModalitiesInStudy", "M?")) is True
-    assert matches(ds, key("ModalitiesInStudy", "CT\\MR")) is False  # not a list match
+    # A list of codes (ModalitiesInStudy=CT,MR) matches if any code matches any value.
+    assert matches(ds, key("ModalitiesInStudy", "US\\MR")) is True
+    assert matches(ds, key("ModalitiesInStudy", "US\\C?")) is True
+    assert matches(ds, key("ModalitiesInStudy", "US\\PT")) is False
 
 
 def test_integer_and_decimal_strings_compare_as_numbers() -> None:

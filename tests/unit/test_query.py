@@ -60,6 +60,9 @@ def test_date_ranges(value: str, expected: str) -> None:
         ("StudyTime", "25", "StudyTime"),
         ("SeriesNumber", "abc", "not a valid IS number"),
         ("PatientName", "A\\B", "only supported for UIDs"),
+        ("ModalitiesInStudy", "CT,,MR", "empty entry"),
+        ("Modality", "CT,MAGNETICRESONANCE1", "16 characters"),
+        ("Modality", "CT,M\tR", "not a code string"),
     ],
 )
 def test_bad_parameters_are_named(name: str, value: str, fragment: str) -> None:
@@ -67,6 +70,28 @@ def test_bad_parameters_are_named(name: str, value: str, fragment: str) -> None:
         parse_qido(Level.STUDY, [(name, value)])
     assert info.value.parameter == name
     assert fragment in info.value.message
+
+
+@pytest.mark.parametrize("value", ["CT,MR", "CT\\MR", " CT , MR "])
+def test_code_string_list(value: str) -> None:
+    """Comma (OHIF) or backslash (DICOM) separated codes become one list key."""
+    q = parse_qido(Level.STUDY, [("ModalitiesInStudy", value)])
+    assert q.matches[0].value == "CT\\MR"
+
+
+@pytest.mark.parametrize(
+    ("value", "sent"),
+    [
+        ("Doe^John^^^", "Doe^John"),
+        ("Doe^John==", "Doe^John"),
+        ("Yamada^Tarou=山田^太郎^=", "Yamada^Tarou=山田^太郎"),
+        ("=山田*", "=山田*"),
+        ("^John", "^John"),
+        ("^", "^"),
+    ],
+)
+def test_person_name_without_trailing_empty_components(value: str, sent: str) -> None:
+    assert parse_qido(Level.STUDY, [("PatientName", value)]).matches[0].value == sent
 
 
 def test_repeated_match_key_is_refused() -> None:
