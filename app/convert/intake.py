@@ -81,6 +81,16 @@ class _Slabs:
         return self._block[start : start + size].view(dtype).reshape(shape)
 
 
+def _own_intercept(frames: list[_Frame]) -> int:
+    """The intercept a single 16-bit slice asks to add to its stored values, else 0."""
+    if len(frames) != 1 or frames[0].source.frames != 1 or frames[0].source.mosaic_tiles:
+        return 0
+    frame = frames[0]
+    if frame.slope != 1 or not frame.intercept.is_integer():
+        return 0
+    return int(frame.intercept)
+
+
 class SeriesIntake:
     """The files of one series, read one by one as they arrive.
 
@@ -110,7 +120,8 @@ class SeriesIntake:
                 self._files.append(_File(path, None, exc))
                 continue
             src = frames[0].source
-            read_ahead(src, self._slabs.take((src.frames, src.rows, src.cols), src.dtype))
+            buffer = self._slabs.take((src.frames, src.rows, src.cols), src.dtype)
+            read_ahead(src, buffer, intercept=_own_intercept(frames))
             self._files.append(_File(path, frames, None))
 
     def _read(self) -> Iterator[tuple[Path, list[_Frame]]]:

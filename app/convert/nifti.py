@@ -255,6 +255,9 @@ class _Source:
     # the pixels are read from the file when the volume is stacked.
     stored: npt.NDArray[Any] | None = None
     extremes: list[tuple[int, int]] | None = None
+    # An intercept already added (modulo 2**bits) to ``stored``, as the file's own
+    # rescale asks: the likely final values, ready before the series is complete.
+    added: int = 0
 
 
 @dataclass
@@ -996,6 +999,9 @@ class _FileFrames:
         src = self.src
         if src.stored is not None:
             np.copyto(target, src.stored[index])  # read ahead: already sign-extended
+            if src.added:
+                with np.errstate(over="ignore"):
+                    target -= _wrapped(src.added, target.dtype)  # exact: modular
             return
         if src.offset is not None and src.byte_order is not None:
             if self._fh is None:
@@ -1033,13 +1039,16 @@ class _FileFrames:
         return src.extremes[frame.index]
 
 
-def read_ahead(src: _Source, buffer: npt.NDArray[Any] | None = None) -> None:
+def read_ahead(src: _Source, buffer: npt.NDArray[Any] | None = None, *, intercept: int = 0) -> None:
     """Read every frame's stored values of ``src`` now, and their extremes.
 
     What :func:`_load` would read from the file later, byte for byte, into
     ``buffer`` (frames x rows x cols of the stored type) or a new array.  A file
     whose pixels cannot be read is left alone, so that the same error is raised
-    at the same point of the checks as without reading ahead.
+    at the same point of the checks as without reading ahead.  A 16-bit file
+    whose own rescale is ``stored + intercept`` can have the intercept added at
+    once (modulo 2**16, undone exactly where the stored values are needed), so
+    that a CT is in Hounsfield units before its last slice arrives.
     """
     shape = (src.frames, src.rows, src.cols)
     stored = np.empty(shape, src.dtype) if buffer is None else buffer
@@ -1053,6 +1062,10 @@ def read_ahead(src: _Source, buffer: npt.NDArray[Any] | None = None) -> None:
         return
     flat = stored.reshape(src.frames, -1)
     src.extremes = list(zip(flat.min(axis=1).tolist(), flat.max(axis=1).tolist(), strict=True))
+    if intercept and stored.dtype.itemsize == 2:
+        with np.errstate(over="ignore"):
+            stored += _wrapped(intercept, stored.dtype)
+        src.added = intercept
     src.stored = stored
 
 
@@ -1123,6 +1136,7 @@ def _load(layout: _Layout, plan: _Plan) -> tuple[npt.NDArray[Any], str]:
                     values = scratch * np.float64(fr.slope) + np.float64(fr.intercept)
                     np.copyto(out[t, k], values, casting="unsafe")
         src.stored = src.extremes = None  # in the output now: free it
+        src.added = 0
     if not plan.in_place:
         return out, "float32 (rescale is not integral or varies between slices)"
     return _rescale_integers(out, plan, low, high, shifted=shift)
@@ -1175,11 +1189,14 @@ def _take_planes(layout: _Layout, plan: _Plan) -> tuple[Planes, str] | None:
             assert src.stored is not None
             # Same width: modular arithmetic in place is exact because the results fit.
             plane = src.stored[0].view(candidate)
-            src.stored = src.extremes = None
+            added, src.stored, src.extremes, src.added = src.added, None, None, 0
             if slope != 1:
+                if added:
+                    plane -= _wrapped(added, candidate)
                 plane *= _wrapped(slope, candidate)
-            if intercept:
-                plane += _wrapped(intercept, candidate)
+                added = 0
+            if intercept != added:
+                plane += _wrapped(intercept - added, candidate)
             planes.append(plane)
     grid = layout.grid
     shape = (len(grid), len(grid[0]), frames[0].rows, frames[0].cols)

@@ -86,6 +86,12 @@ def _varying(datasets: list[Dataset]) -> list[Dataset]:
     return datasets
 
 
+def _varying_intercepts(datasets: list[Dataset]) -> list[Dataset]:
+    for index, ds in enumerate(datasets):
+        ds.RescaleSlope, ds.RescaleIntercept = "1", str(-1024 + index)
+    return datasets
+
+
 def _beyond_int16(datasets: list[Dataset]) -> list[Dataset]:
     for ds in datasets:
         pixels = ds.pixel_array.astype(np.uint16) * 40  # up to ~43000
@@ -99,6 +105,7 @@ CASES: dict[str, tuple[Callable[[], list[Dataset]], type | None]] = {
     "ct in HU": (lambda: _ct(slices=12), np.int16),
     "ct into uint16": (lambda: _rescaled("1", "40000")(_ct(slices=5)), np.uint16),
     "ct beyond 16 bits": (lambda: _rescaled("1", "-40000")(_ct(slices=5)), None),
+    "ct varying intercepts": (lambda: _varying_intercepts(_ct(slices=5)), None),
     "oblique mr": (lambda: _mr(), np.int16),
     "mr uint16": (lambda: _beyond_int16(_mr(slices=4)), np.uint16),
     "mr slope x2": (lambda: _rescaled("2", "-7")(_mr(slices=4)), np.int16),
