@@ -22,6 +22,7 @@ frees them file by file.
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -109,6 +110,10 @@ class SeriesIntake:
     def add(self, paths: Iterable[Path]) -> None:
         """Read the header and the stored pixels of each file, in the order given."""
         for path in paths:
+            # Parsing holds the GIL; between files, let the threads that receive the
+            # rest of the series (C-MOVE responses, arrivals) take it without waiting
+            # for the interpreter's switch interval.
+            time.sleep(0)
             if self._failed:
                 # An earlier file already decides the outcome: only count this one.
                 self._files.append(_File(path, None, None))
