@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import re
 from collections.abc import AsyncIterator
-from pathlib import Path
 from typing import Annotated, Any
 from urllib.parse import urlencode
 
@@ -21,16 +20,15 @@ from starlette.concurrency import iterate_in_threadpool
 from app.api.audit import note
 from app.api.deps import GatewayDep, NodeDep, until_disconnected
 from app.api.search import DICOM_JSON, SERVICE, run_qido
-from app.cache import CachedInstance
 from app.config import PacsNode
-from app.convert.nifti import SeriesPart, Volume, build_part, nifti_size, split_series, to_nifti
+from app.convert.nifti import SeriesPart, Volume, build_part, nifti_size, to_nifti
 from app.convert.sidecar import sidecar
 from app.dicomweb.attributes import Level
 from app.dicomweb.json import dataset_to_json, dumps
 from app.dicomweb.query import check_uid
-from app.errors import InvalidRequest, NotFound, RetrieveIncomplete
+from app.errors import InvalidRequest, NotFound
 from app.runtime import Gateway
-from app.services.retrieve import Delivery
+from app.services.nifti import receive_series
 
 router = APIRouter(tags=["NIfTI"])
 
@@ -44,20 +42,6 @@ EchoParam = Annotated[
 VolumeParam = Annotated[
     int | None, Query(ge=1, description="number of the volume in the 300 listing")
 ]
-
-
-async def _series_files(gateway: Gateway, node: PacsNode, study: str, series: str) -> list[Path]:
-    """Fetch the series (cache or move); only a complete series converts."""
-    delivery = Delivery(gateway.retriever, node, study, [series])
-    warning = await delivery.prepare()
-    instances: list[CachedInstance] = [inst async for inst in delivery]
-    # A warning note alone (everything arrived) does not stop the conversion.
-    if delivery.partial or not delivery.complete:
-        raise RetrieveIncomplete(
-            "; ".join(delivery.problems) or warning or "the series did not arrive whole",
-            node=node.name,
-        )
-    return [inst.path for inst in instances]
 
 
 def _describe(part: SeriesPart) -> str:
@@ -127,8 +111,10 @@ async def _volume(
 ) -> tuple[SeriesPart, Volume] | JSONResponse:
     """The one volume asked for, or the 300 listing when the choice is not made."""
     # A client that gives up while the series arrives cancels its move.
-    paths = await until_disconnected(request, _series_files(gateway, node, study, series))
-    parts = await asyncio.to_thread(split_series, paths)
+    intake = await until_disconnected(
+        request, receive_series(gateway.retriever, node, study, series)
+    )
+    parts = await asyncio.to_thread(intake.parts)
     chosen = [
         p
         for p in parts

@@ -6,10 +6,14 @@ geometry, voxels with the rescale applied) or raises
 :func:`build_part` do the same for series dcm2niix writes as several files
 (echoes, magnitude/phase); :func:`to_nifti` streams a volume as ``.nii`` or
 ``.nii.gz``; :func:`sidecar` gives the BIDS JSON dcm2niix would write.
+:class:`SeriesIntake` reads a series file by file while it arrives, for
+:meth:`SeriesIntake.parts` and :func:`build_part` to finish once it is complete.
 """
 
+from app.convert.intake import SeriesIntake
 from app.convert.nifti import (
     Chunk,
+    Planes,
     SeriesPart,
     Volume,
     build_part,
@@ -25,6 +29,8 @@ from app.convert.sidecar import sidecar
 
 __all__ = [
     "Chunk",
+    "Planes",
+    "SeriesIntake",
     "SeriesPart",
     "Volume",
     "build_part",

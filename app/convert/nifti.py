@@ -52,7 +52,7 @@ import math
 import mmap
 import struct
 from collections import Counter, deque
-from collections.abc import Generator, Iterator, Sequence
+from collections.abc import Generator, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -143,6 +143,31 @@ FloatVector = npt.NDArray[np.float64]
 
 
 @dataclass(frozen=True, eq=False)
+class Planes:
+    """Voxels kept as the 2-D planes they were read into, in ``(t, k)`` order.
+
+    A series read while it arrived (:mod:`app.convert.intake`) has each slice in
+    a buffer of its own already, in arrival order: streaming the planes in slice
+    order needs no output array and no copy.  ``shape`` is the volume's.
+    """
+
+    arrays: tuple[npt.NDArray[Any], ...]
+    shape: tuple[int, ...]
+    dtype: np.dtype[Any]
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * self.dtype.itemsize
+
+    def stack(self) -> npt.NDArray[Any]:
+        out = _allocate(self.shape, self.dtype)
+        flat = out.reshape(-1, *self.shape[-2:])
+        for index, plane in enumerate(self.arrays):
+            flat[index] = plane
+        return out
+
+
+@dataclass(frozen=True, eq=False)
 class Volume:
     """A stack of slices (or of volumes) on one regular grid, in LPS patient coordinates.
 
@@ -155,9 +180,13 @@ class Volume:
     expects them (row-major flattened).  ``repetition_time`` (s) is the time
     between volumes of a 4-D series.  ``headers`` are the source data sets (no
     pixel data) in slice order of the first volume, one per file.
+
+    ``data`` holds the voxels as one array or, for a series read while it
+    arrived, as :class:`Planes`; ``voxels`` stacks those into one array on
+    first use, while :func:`to_nifti` streams them as they are.
     """
 
-    voxels: npt.NDArray[Any]
+    data: npt.NDArray[Any] | Planes
     origin: tuple[float, float, float]
     spacing: tuple[float, float, float]
     direction: tuple[tuple[float, float, float], ...]
@@ -169,8 +198,24 @@ class Volume:
     resampled: str | None = None  # why and how voxels were interpolated (gantry tilt), if so
 
     @property
+    def voxels(self) -> npt.NDArray[Any]:
+        data = self.data
+        if isinstance(data, Planes):
+            data = data.stack()
+            object.__setattr__(self, "data", data)  # the planes are no longer needed
+        return data
+
+    @property
     def shape(self) -> tuple[int, ...]:
-        return tuple(int(n) for n in self.voxels.shape)
+        return tuple(int(n) for n in self.data.shape)
+
+    @property
+    def dtype(self) -> np.dtype[Any]:
+        return self.data.dtype
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.data.nbytes)
 
     @property
     def affine_lps(self) -> FloatVector:
@@ -205,6 +250,14 @@ class _Source:
     offset: int | None  # file offset of the pixel data value
     mosaic_tiles: int = 0  # tiles per side of a Siemens mosaic, 0 if not a mosaic
     sign_bits: int = 0  # shift that sign-extends BitsStored within BitsAllocated
+    # Every frame's stored values (frames x rows x cols), read ahead while the series
+    # was still arriving (app.convert.intake), with each frame's (min, max); None:
+    # the pixels are read from the file when the volume is stacked.
+    stored: npt.NDArray[Any] | None = None
+    extremes: list[tuple[int, int]] | None = None
+    # An intercept already added (modulo 2**bits) to ``stored``, as the file's own
+    # rescale asks: the likely final values, ready before the series is complete.
+    added: int = 0
 
 
 @dataclass
@@ -944,6 +997,12 @@ class _FileFrames:
 
     def _raw_frame(self, index: int, target: npt.NDArray[Any]) -> None:
         src = self.src
+        if src.stored is not None:
+            np.copyto(target, src.stored[index])  # read ahead: already sign-extended
+            if src.added:
+                with np.errstate(over="ignore"):
+                    target -= _wrapped(src.added, target.dtype)  # exact: modular
+            return
         if src.offset is not None and src.byte_order is not None:
             if self._fh is None:
                 self._fh = open(src.path, "rb", buffering=0)  # noqa: SIM115 - closed in __exit__
@@ -972,6 +1031,43 @@ class _FileFrames:
         c0 = (frame.index % src.mosaic_tiles) * frame.cols
         target[...] = self._mosaic[r0 : r0 + frame.rows, c0 : c0 + frame.cols]
 
+    def extremes(self, frame: _Frame) -> tuple[int, int] | None:
+        """(min, max) of the stored values of ``frame`` when known from reading ahead."""
+        src = self.src
+        if src.extremes is None or src.mosaic_tiles:
+            return None  # a tile's range is not its mosaic's
+        return src.extremes[frame.index]
+
+
+def read_ahead(src: _Source, buffer: npt.NDArray[Any] | None = None, *, intercept: int = 0) -> None:
+    """Read every frame's stored values of ``src`` now, and their extremes.
+
+    What :func:`_load` would read from the file later, byte for byte, into
+    ``buffer`` (frames x rows x cols of the stored type) or a new array.  A file
+    whose pixels cannot be read is left alone, so that the same error is raised
+    at the same point of the checks as without reading ahead.  A 16-bit file
+    whose own rescale is ``stored + intercept`` can have the intercept added at
+    once (modulo 2**16, undone exactly where the stored values are needed), so
+    that a CT is in Hounsfield units before its last slice arrives.
+    """
+    shape = (src.frames, src.rows, src.cols)
+    stored = np.empty(shape, src.dtype) if buffer is None else buffer
+    if stored.shape != shape or stored.dtype != src.dtype:
+        raise ValueError(f"a {stored.dtype} buffer of {stored.shape} for {src.dtype} {shape}")
+    try:
+        with _FileFrames(src) as reader:
+            for index in range(src.frames):
+                reader._raw_frame(index, stored[index])
+    except (ConversionError, OSError):
+        return
+    flat = stored.reshape(src.frames, -1)
+    src.extremes = list(zip(flat.min(axis=1).tolist(), flat.max(axis=1).tolist(), strict=True))
+    if intercept and stored.dtype.itemsize == 2:
+        with np.errstate(over="ignore"):
+            stored += _wrapped(intercept, stored.dtype)
+        src.added = intercept
+    src.stored = stored
+
 
 def _fits(dtype: np.dtype[Any], low: float, high: float) -> bool:
     info = np.iinfo(dtype)
@@ -986,11 +1082,18 @@ def _allocate(shape: tuple[int, ...], dtype: np.dtype[Any]) -> npt.NDArray[Any]:
     MAP_POPULATE (Linux) costs a steady 0.04 s.
     """
     size = math.prod(shape) * dtype.itemsize
-    populate = getattr(mmap, "MAP_POPULATE", 0)
-    if size < 1 << 24 or not populate:
+    if size < 1 << 24:
         return np.empty(shape, dtype)
+    return populated(size).view(dtype).reshape(shape)
+
+
+def populated(size: int) -> npt.NDArray[np.uint8]:
+    """``size`` bytes of anonymous memory, faulted in at once where Linux allows it."""
+    populate = getattr(mmap, "MAP_POPULATE", 0)
+    if not populate:
+        return np.empty(size, np.uint8)
     flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | populate
-    return np.frombuffer(mmap.mmap(-1, size, flags=flags), dtype).reshape(shape)
+    return np.frombuffer(mmap.mmap(-1, size, flags=flags), np.uint8)
 
 
 def _load(layout: _Layout, plan: _Plan) -> tuple[npt.NDArray[Any], str]:
@@ -1022,14 +1125,18 @@ def _load(layout: _Layout, plan: _Plan) -> tuple[npt.NDArray[Any], str]:
                 if scratch is None:
                     target = out[t, k]
                     reader.read(fr, target)
-                    low = min(low, int(target.min()))
-                    high = max(high, int(target.max()))
+                    extremes = reader.extremes(fr)
+                    if extremes is None:
+                        extremes = int(target.min()), int(target.max())
+                    low, high = min(low, extremes[0]), max(high, extremes[1])
                     if shift is not None:
                         target += shift
                 else:
                     reader.read(fr, scratch)
                     values = scratch * np.float64(fr.slope) + np.float64(fr.intercept)
                     np.copyto(out[t, k], values, casting="unsafe")
+        src.stored = src.extremes = None  # in the output now: free it
+        src.added = 0
     if not plan.in_place:
         return out, "float32 (rescale is not integral or varies between slices)"
     return _rescale_integers(out, plan, low, high, shifted=shift)
@@ -1042,6 +1149,60 @@ def _wrapped(value: int, dtype: np.dtype[Any]) -> Any:
     if dtype.kind == "i" and value >= 1 << (bits - 1):
         value -= 1 << bits
     return dtype.type(value)
+
+
+_INTEGER_TYPES = (np.dtype(np.int16), np.dtype(np.uint16))
+
+
+def _integer_how(slope: int, intercept: int) -> str:
+    return f"stored x {slope} + {intercept}" if (slope, intercept) != (1, 0) else "stored values"
+
+
+def _take_planes(layout: _Layout, plan: _Plan) -> tuple[Planes, str] | None:
+    """The planes read ahead as the voxels themselves, rescaled in place: no copy.
+
+    Only where :func:`_load` would give the same values without interpolation:
+    16-bit stored values of single-frame files (no mosaic), an integral rescale
+    whose results fit 16 bits, no shear.  The planes become the volume's: their
+    sources forget them (a later build reads the files again).  None otherwise.
+    """
+    if not plan.in_place or layout.shear_rows or plan.out_dtype.itemsize != 2:
+        return None
+    frames = [fr for volume in layout.grid for fr in volume]
+    sources = [fr.source for fr in frames]
+    for src in sources:
+        if src.stored is None or src.extremes is None or src.frames != 1 or src.mosaic_tiles:
+            return None
+    if len({id(src) for src in sources}) != len(sources):
+        return None
+    assert plan.slope is not None and plan.intercept is not None
+    slope, intercept = int(plan.slope), int(plan.intercept)
+    low = min(src.extremes[0][0] for src in sources if src.extremes)
+    high = max(src.extremes[0][1] for src in sources if src.extremes)
+    a, b = low * slope + intercept, high * slope + intercept
+    candidate = next((c for c in _INTEGER_TYPES if _fits(c, min(a, b), max(a, b))), None)
+    if candidate is None:
+        return None  # float32: _load widens
+    planes = []
+    with np.errstate(over="ignore"):
+        for src in sources:
+            assert src.stored is not None
+            # Same width: modular arithmetic in place is exact because the results fit.
+            plane = src.stored[0].view(candidate)
+            added, src.stored, src.extremes, src.added = src.added, None, None, 0
+            if slope != 1:
+                if added:
+                    plane -= _wrapped(added, candidate)
+                plane *= _wrapped(slope, candidate)
+                added = 0
+            if intercept != added:
+                plane += _wrapped(intercept - added, candidate)
+            planes.append(plane)
+    grid = layout.grid
+    shape = (len(grid), len(grid[0]), frames[0].rows, frames[0].cols)
+    return Planes(
+        tuple(planes), shape, candidate
+    ), f"{candidate} ({_integer_how(slope, intercept)})"
 
 
 def _rescale_integers(
@@ -1060,8 +1221,8 @@ def _rescale_integers(
     identity = slope == 1 and intercept == 0
     if stored.itemsize == 1 and identity:
         return out, f"{stored} (stored values, no rescale)"
-    how = f"stored x {slope} + {intercept}" if not identity else "stored values"
-    for candidate in (np.dtype(np.int16), np.dtype(np.uint16)):
+    how = _integer_how(slope, intercept)
+    for candidate in _INTEGER_TYPES:
         if not _fits(candidate, low, high):
             continue
         # Same width: modular arithmetic in place gives the exact result because
@@ -1104,11 +1265,14 @@ def _repetition_time(ds: Dataset) -> float | None:
 def _read_frames(paths: Sequence[Path]) -> list[_Frame]:
     if not paths:
         raise ConversionError("no files given")
+    return _join_frames((Path(path), _frames_of(Path(path))) for path in paths)
+
+
+def _join_frames(files: Iterable[tuple[Path, list[_Frame]]]) -> list[_Frame]:
+    """The frames of each file, in the order given; the same instance twice is refused."""
     frames: list[_Frame] = []
     seen: dict[str, Path] = {}
-    for path in paths:
-        path = Path(path)
-        file_frames = _frames_of(path)
+    for path, file_frames in files:
         uid = _text(file_frames[0].source.ds, "SOPInstanceUID") or ""
         if uid and uid in seen:
             raise ConversionError(
@@ -1314,7 +1478,8 @@ def _assemble(frames: list[_Frame]) -> Volume:
     _check_uniform(frames)
     layout = _layout(frames)
     plan = _plan(frames)
-    voxels, how = _load(layout, plan)
+    voxels: npt.NDArray[Any] | Planes
+    voxels, how = _take_planes(layout, plan) or _load(layout, plan)
 
     reference = layout.grid[0][0]
     f = np.array(reference.orientation[:3])
@@ -1323,6 +1488,7 @@ def _assemble(frames: list[_Frame]) -> Volume:
     origin = layout.first
     resampled = None
     if layout.shear_rows:
+        assert not isinstance(voxels, Planes)  # sheared stacks are never taken as planes
         voxels, start, resampled = _deshear(voxels, layout, reference)
         origin = layout.first + start * reference.pixel_spacing[0] * _unit(g)
     if layout.shear_rows and layout.slice_step:
@@ -1358,6 +1524,8 @@ def _assemble(frames: list[_Frame]) -> Volume:
             deltas = np.diff(np.array(starts))
             if len(deltas) and np.all(np.isfinite(deltas)) and float(np.median(deltas)) > 0:
                 repetition_time = float(np.median(deltas))
+    elif isinstance(voxels, Planes):
+        voxels = replace(voxels, shape=voxels.shape[1:])
     else:
         voxels = voxels[0]
 
@@ -1369,7 +1537,7 @@ def _assemble(frames: list[_Frame]) -> Volume:
     if resampled:
         notes.append(resampled)
     return Volume(
-        voxels=voxels,
+        data=voxels,
         origin=(float(origin[0]), float(origin[1]), float(origin[2])),
         spacing=spacing,
         direction=direction,
@@ -1432,11 +1600,10 @@ def nifti_header(volume: Volume, *, description: str = "dimse-gateway") -> bytes
     qform and sform are both NIFTI_XFORM_SCANNER_ANAT (1), as dcm2niix writes
     them; sform holds ``volume.affine_ras`` exactly, qform its nearest rotation.
     """
-    voxels = volume.voxels
-    dtype = voxels.dtype
+    dtype = volume.dtype
     if dtype not in _NIFTI_DATATYPE:
         raise ConversionError(f"no NIfTI-1 datatype for {dtype}")
-    shape = voxels.shape  # (t,) k, j, i
+    shape = volume.shape  # (t,) k, j, i
     dims = [len(shape), shape[-1], shape[-2], shape[-3], shape[0] if len(shape) == 4 else 1]
     affine = volume.affine_ras
     b, c, d, qfac = _quaternion(np.array(volume.direction) * np.array([[-1.0], [-1.0], [1.0]]))
@@ -1463,10 +1630,16 @@ def nifti_header(volume: Volume, *, description: str = "dimse-gateway") -> bytes
 
 def nifti_size(volume: Volume) -> int:
     """Size in bytes of the uncompressed ``.nii`` (for Content-Length)."""
-    return NIFTI_HEADER_SIZE + int(volume.voxels.nbytes)
+    return NIFTI_HEADER_SIZE + volume.nbytes
 
 
 def _voxel_chunks(volume: Volume) -> Iterator[memoryview]:
+    planes = volume.data
+    if isinstance(planes, Planes) and planes.dtype.byteorder != ">":
+        # One slice per chunk, straight from the buffer it was read into.
+        for plane in planes.arrays:
+            yield np.ascontiguousarray(plane).reshape(-1).view(np.uint8).data
+        return
     voxels = volume.voxels
     if voxels.dtype.byteorder == ">" or not voxels.flags.c_contiguous:
         voxels = np.ascontiguousarray(voxels, dtype=voxels.dtype.newbyteorder("<"))

@@ -6,6 +6,7 @@ import gzip
 import io
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import nibabel as nib
@@ -182,3 +183,32 @@ def test_series_with_a_missing_slice_is_refused_with_422(tmp_path: Path) -> None
         assert "slice" in body["message"].lower()
     finally:
         peer.stop()
+
+
+def test_each_header_is_read_once_as_the_series_arrives(
+    gateway: GatewayServer, orthanc_peer: OrthancPeer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The converter parses every file while the retrieve runs, once: nothing is read twice."""
+    import app.convert.nifti as nifti
+
+    reads: list[str] = []
+    original = nifti.dcmread
+
+    def counting(path: Any, *args: Any, **kwargs: Any) -> Any:
+        reads.append(str(path))
+        return original(path, *args, **kwargs)
+
+    monkeypatch.setattr(nifti, "dcmread", counting)
+    study, series, paths = _series(orthanc_peer, "DGW0003", "T1 SE oblique")
+    resp = httpx.get(
+        f"{gateway.dicomweb}/studies/{study}/series/{series}/nifti",
+        params={"compress": "false"},
+        timeout=120,
+    )
+    assert resp.status_code == 200, resp.text
+    assert len(reads) == len(paths) == len(set(reads))
+    monkeypatch.undo()
+    reference = build_volume(paths)
+    img = _load(resp.content)
+    np.testing.assert_allclose(img.affine, reference.affine_ras, atol=1e-3)
+    np.testing.assert_array_equal(np.asarray(img.dataobj).transpose(2, 1, 0), reference.voxels)
