@@ -23,6 +23,7 @@ from app.dimse.requestor import (
     command,
     decode_identifier,
     encode_identifier,
+    request_command,
     us,
 )
 from app.errors import AssociationAborted, DimseTimeout, PacsError, PacsFailureStatus
@@ -143,15 +144,7 @@ def _find_blocking(
     try:
         assoc.send(
             context,
-            command(
-                [
-                    (ul.AFFECTED_SOP_CLASS_UID, ul.pad_uid(model.value)),
-                    (ul.COMMAND_FIELD, us(ul.C_FIND_RQ)),
-                    (ul.MESSAGE_ID, us(msg_id)),
-                    (ul.PRIORITY, us(0)),
-                    (ul.COMMAND_DATA_SET_TYPE, us(ul.DATA_SET_PRESENT)),
-                ]
-            ),
+            request_command(ul.C_FIND_RQ, model.value, msg_id),
             encode_identifier(identifier, context),
         )
         while True:

@@ -69,7 +69,7 @@ from app.dimse.find import QueryModel, c_find
 from app.dimse.move import (
     MoveProgress,
     MoveResult,
-    RetrieveAnswer,
+    answer_of,
     failed_uid_list,
     fold_response,
     result_status,
@@ -87,10 +87,9 @@ from app.dimse.requestor import (
     RequestorAssociation,
     Silent,
     associate,
-    command,
     decode_identifier,
     encode_identifier,
-    us,
+    request_command,
 )
 from app.dimse.storescp import (
     STATUS_CANNOT_UNDERSTAND,
@@ -578,15 +577,7 @@ def _exchange(
     try:
         assoc.send(
             context,
-            command(
-                [
-                    (ul.AFFECTED_SOP_CLASS_UID, ul.pad_uid(context.abstract_syntax)),
-                    (ul.COMMAND_FIELD, us(ul.C_GET_RQ)),
-                    (ul.MESSAGE_ID, us(msg_id)),
-                    (ul.PRIORITY, us(0)),
-                    (ul.COMMAND_DATA_SET_TYPE, us(ul.DATA_SET_PRESENT)),
-                ]
-            ),
+            request_command(ul.C_GET_RQ, context.abstract_syntax, msg_id),
             encode_identifier(identifier, context),
         )
         while True:
@@ -609,19 +600,7 @@ def _exchange(
                     None,
                 )
                 continue
-            status = msg.status
-            if field != ul.C_GET_RSP or status is None:
-                raise AssociationAborted(node, "C-GET: the PACS sent an unexpected message")
-            if msg.us(ul.MESSAGE_ID_BEING_RESPONDED_TO) != msg_id:
-                raise AssociationAborted(node, "C-GET: the PACS answered another request")
-            answer = RetrieveAnswer(
-                status=status,
-                remaining=msg.us(ul.REMAINING),
-                completed=msg.us(ul.COMPLETED),
-                failed=msg.us(ul.FAILED),
-                warning=msg.us(ul.WARNING),
-                comment=msg.text(ul.ERROR_COMMENT),
-            )
+            answer = answer_of(node, "C-GET", msg, ul.C_GET_RSP, msg_id)
             if fold_response(answer, progress, on_progress):
                 if cancel.is_set():
                     send_cancel()

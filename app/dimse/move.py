@@ -27,10 +27,9 @@ from app.dimse.requestor import (
     Lost,
     Message,
     Silent,
-    command,
     decode_identifier,
     encode_identifier,
-    us,
+    request_command,
 )
 from app.errors import AssociationAborted, DimseTimeout, PacsError, PacsFailureStatus
 
@@ -222,22 +221,13 @@ def _move_blocking(
     try:
         assoc.send(
             context,
-            command(
-                [
-                    (ul.AFFECTED_SOP_CLASS_UID, ul.pad_uid(str(model))),
-                    (ul.COMMAND_FIELD, us(ul.C_MOVE_RQ)),
-                    (ul.MESSAGE_ID, us(msg_id)),
-                    (ul.MOVE_DESTINATION, ul.pad_text(destination)),
-                    (ul.PRIORITY, us(0)),
-                    (ul.COMMAND_DATA_SET_TYPE, us(ul.DATA_SET_PRESENT)),
-                ]
-            ),
+            request_command(ul.C_MOVE_RQ, str(model), msg_id, destination=destination),
             encode_identifier(identifier, context),
         )
         while True:
             msg = assoc.receive(cancel=cancel, on_cancel=send_cancel)
             answered = True
-            answer = _move_answer(node.name, msg, msg_id)
+            answer = answer_of(node.name, "C-MOVE", msg, ul.C_MOVE_RSP, msg_id)
             if fold_response(answer, progress, on_progress):
                 if cancel.is_set():
                     send_cancel()
@@ -280,14 +270,14 @@ def _move_blocking(
     return result
 
 
-def _move_answer(node: str, msg: Message, msg_id: int) -> RetrieveAnswer:
-    """A C-MOVE-RSP's facts; a message that is not the answer to *msg_id* breaks
-    the protocol (one operation at a time on the association)."""
+def answer_of(node: str, operation: str, msg: Message, field: int, msg_id: int) -> RetrieveAnswer:
+    """A C-MOVE-RSP's or C-GET-RSP's facts; a message that is not the answer to
+    *msg_id* breaks the protocol (one operation at a time on the association)."""
     status = msg.status
-    if msg.us(ul.COMMAND_FIELD) != ul.C_MOVE_RSP or status is None:
-        raise AssociationAborted(node, "C-MOVE: the PACS answered with another message")
+    if msg.us(ul.COMMAND_FIELD) != field or status is None:
+        raise AssociationAborted(node, f"{operation}: the PACS sent an unexpected message")
     if msg.us(ul.MESSAGE_ID_BEING_RESPONDED_TO) != msg_id:
-        raise AssociationAborted(node, "C-MOVE: the PACS answered another request")
+        raise AssociationAborted(node, f"{operation}: the PACS answered another request")
     return RetrieveAnswer(
         status=status,
         remaining=msg.us(ul.REMAINING),

@@ -137,6 +137,22 @@ def us(value: int) -> bytes:
     return ul.US.pack(value)
 
 
+def request_command(
+    field: int, sop_class: str, msg_id: int, *, destination: str | None = None
+) -> bytes:
+    """A C-FIND, C-GET or C-MOVE request's command set, with an identifier to follow;
+    priority MEDIUM."""
+    elements = [
+        (ul.AFFECTED_SOP_CLASS_UID, ul.pad_uid(sop_class)),
+        (ul.COMMAND_FIELD, us(field)),
+        (ul.MESSAGE_ID, us(msg_id)),
+    ]
+    if destination is not None:
+        elements.append((ul.MOVE_DESTINATION, ul.pad_text(destination)))
+    elements += [(ul.PRIORITY, us(0)), (ul.COMMAND_DATA_SET_TYPE, us(ul.DATA_SET_PRESENT))]
+    return command(elements)
+
+
 class RequestorAssociation:
     """An association the gateway opened; see :func:`associate`.
 
@@ -600,5 +616,6 @@ __all__ = [
     "command",
     "decode_identifier",
     "encode_identifier",
+    "request_command",
     "us",
 ]
