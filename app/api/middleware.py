@@ -7,6 +7,7 @@ time measured ends with the last body byte of a streamed retrieve.
 
 from __future__ import annotations
 
+import contextlib
 import re
 import time
 import uuid
@@ -84,15 +85,19 @@ class ObservabilityMiddleware:
             request_id.reset(token)
 
 
+class _HeadAnswered(Exception):
+    """The headers of a HEAD are out: what would follow is a body nobody reads."""
+
+
 class HeadAsGet:
     """HEAD answered as the GET of the same URL, without its body.
 
     RFC 9110 §9.1 asks every general-purpose server to support HEAD wherever it
     supports GET; FastAPI routes list GET only and would answer 405.  The
-    request runs as a GET so its status and headers are the GET's own; the body
-    ends as soon as the headers are out, after which the server reports the
-    client as gone (uvicorn), so a streamed retrieve is left as when a client
-    goes away instead of running to its end unread.
+    request runs as a GET so its status and headers are the GET's own.  The
+    first body message after the headers stops the GET, as a client that
+    leaves would: a streamed retrieve on a cold cache lets go of its C-MOVE
+    (C-CANCEL when nobody else waits) instead of running to its end unread.
     """
 
     def __init__(self, app: ASGIApp) -> None:
@@ -110,13 +115,16 @@ class HeadAsGet:
         async def send_head(message: Message) -> None:
             nonlocal ended
             if ended:
+                if message["type"] == "http.response.body" and message.get("more_body"):
+                    raise _HeadAnswered
                 return
             await send(message)
             if message["type"] == "http.response.start":
                 await send({"type": "http.response.body", "body": b"", "more_body": False})
                 ended = True
 
-        await self.app({**scope, "method": "GET"}, receive, send_head)
+        with contextlib.suppress(_HeadAnswered):
+            await self.app({**scope, "method": "GET"}, receive, send_head)
 
 
 def _allow_head(send: Send) -> Send:

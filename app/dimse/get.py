@@ -86,7 +86,6 @@ from app.dimse.requestor import (
     NegotiationAborted,
     RequestorAssociation,
     Silent,
-    associate,
     decode_identifier,
     encode_identifier,
     request_command,
@@ -471,18 +470,9 @@ def _get_blocking(
     contexts = storage_contexts(sop_classes)
     receiver = _Receiver(node.ae_title, ae_title, msg_id, sink)
     try:
-        assoc = associate(
-            node.host,
-            node.port,
-            calling_ae=ae_title,
-            called_ae=node.ae_title,
-            contexts=[(str(model), list(node.profile.transfer_syntaxes)), *contexts],
-            max_pdu=node.max_pdu,
-            connect_timeout=node.connect_timeout,
-            acse_timeout=node.acse_timeout,
-            dimse_timeout=node.dimse_timeout,
-            tls=pool.tls,
-            server_hostname=node.host,
+        assoc = pool.associate(
+            ae_title,
+            [(str(model), list(node.profile.transfer_syntaxes)), *contexts],
             scp_roles=[c for c, _ in contexts],
         )
     except AssociateRejected as exc:

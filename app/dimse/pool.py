@@ -319,20 +319,7 @@ class AssociationPool:
         started = time.monotonic()
         opening = loop.run_in_executor(
             self._executor,
-            functools.partial(
-                associate,
-                node.host,
-                node.port,
-                calling_ae=self.calling_ae_title,
-                called_ae=node.ae_title,
-                contexts=self._contexts,
-                max_pdu=node.max_pdu,
-                connect_timeout=node.connect_timeout,
-                acse_timeout=node.acse_timeout,
-                dimse_timeout=node.dimse_timeout,
-                tls=self.tls,
-                server_hostname=node.host,
-            ),
+            functools.partial(self.associate, self.calling_ae_title, self._contexts),
         )
         try:
             assoc = await asyncio.shield(opening)
@@ -368,6 +355,30 @@ class AssociationPool:
         now = time.monotonic()
         log.debug("association to %s opened in %.1f ms", node.name, (now - started) * 1000)
         return Lease(assoc=assoc, created=now, last_used=now)
+
+    def associate(
+        self,
+        calling_ae: str,
+        contexts: Sequence[tuple[str, Sequence[str]]],
+        scp_roles: Sequence[str] = (),
+    ) -> RequestorAssociation:
+        """Open an association to the node with its limits and TLS (blocking):
+        the pool's own, or a C-GET's with its storage contexts."""
+        node = self.node
+        return associate(
+            node.host,
+            node.port,
+            calling_ae=calling_ae,
+            called_ae=node.ae_title,
+            contexts=contexts,
+            max_pdu=node.max_pdu,
+            connect_timeout=node.connect_timeout,
+            acse_timeout=node.acse_timeout,
+            dimse_timeout=node.dimse_timeout,
+            tls=self.tls,
+            server_hostname=node.host,
+            scp_roles=scp_roles,
+        )
 
     def _release_orphan(self, opening: asyncio.Future[RequestorAssociation]) -> None:
         if opening.cancelled() or opening.exception() is not None:
