@@ -279,6 +279,9 @@ class Settings(BaseSettings):
     log_format: Literal["text", "json"] = "text"
     # The instance cache under work_dir; least recently used instances go first.
     cache_max_bytes: int = Field(default=20 * 1024**3, ge=64 * 1024**2)
+    # Memory for the DICOM JSON of cached instances (a 512x512 CT slice takes about 3 KB),
+    # so a series' metadata is encoded once, not on every viewer reload. 0 turns it off.
+    metadata_memory_bytes: int = Field(default=64 * 1024**2, ge=0)
     # Announced to PACS that send us instances: larger PDUs mean fewer round trips.
     storage_max_pdu: int = Field(default=1024 * 1024, ge=16384)
     # On shutdown, in-flight requests get this long to finish; then streaming

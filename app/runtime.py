@@ -18,6 +18,7 @@ from app.dimse.contexts import query_contexts
 from app.dimse.pool import AssociationPool
 from app.dimse.storeproc import StorageProcess, StorageTls
 from app.errors import UnknownNode
+from app.services.metadata import MetadataStore
 from app.services.retrieve import Retriever
 
 log = logging.getLogger(__name__)
@@ -77,6 +78,7 @@ class Gateway:
             for node in settings.nodes
         }
         self.cache = InstanceCache(settings.work_dir / "cache", max_bytes=settings.cache_max_bytes)
+        self.metadata = MetadataStore(settings.metadata_memory_bytes)
         self.retriever = Retriever(
             ae_title=settings.ae_title,
             cache=self.cache,

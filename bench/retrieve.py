@@ -753,6 +753,14 @@ def measure(args: argparse.Namespace) -> Report:
         for run in [*gateway_pair(0), movescu_run(0), http_run("orthanc", orthanc_url, 0)]:
             show(run)
 
+        if args.hold:
+            # For experiments by hand: the peers stay up, the cache is warm.
+            _log(f"holding (Ctrl-C ends): gateway {gw_url} (pid {gateway.pid}), Orthanc {orthanc_url}")
+            _log(f"movescu: {shlex.join(movescu_cmd)}")
+            signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+            signal.sigwait({signal.SIGINT, signal.SIGTERM})
+            return report
+
         load_before = os.getloadavg()
         report.setup["load_before"] = load_before
         for round_number in range(1, args.rounds + 1):
@@ -1155,6 +1163,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--profile", action="store_true", help="py-spy the gateway on cold and warm runs"
     )
     parser.add_argument(
+        "--hold",
+        action="store_true",
+        help="after the warm-up, keep Orthanc and the gateway up for experiments; no report",
+    )
+    parser.add_argument(
         "--profile-runs", type=int, default=3, help="cold and warm runs profiled (default 3)"
     )
     parser.add_argument("--no-doc", action="store_true", help="do not touch docs/benchmarks.md")
@@ -1184,6 +1197,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     t0 = time.monotonic()
     report = measure(args)
     duration = time.monotonic() - t0
+    if args.hold:
+        return 0
     command = shlex.join([".venv/bin/python", "-m", "bench.retrieve", *(argv or sys.argv[1:])])
     section = render(report, command, started, duration, machine, versions, code)
     print(section)

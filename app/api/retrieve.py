@@ -10,7 +10,6 @@ import threading
 from collections import Counter
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
 
 from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import StreamingResponse
@@ -23,10 +22,10 @@ from app.config import PacsNode
 from app.dicomweb import instances as dicom_files
 from app.dicomweb import multipart
 from app.dicomweb.accept import Negotiated, ResourceKind, negotiate
-from app.dicomweb.json import dumps
 from app.dicomweb.query import check_uid
 from app.errors import GatewayError, InvalidRequest, NotFound
 from app.runtime import Gateway
+from app.services.metadata import MetadataStore
 from app.services.retrieve import Delivery
 from app.services.studies import series_of_study
 
@@ -56,7 +55,7 @@ def _instance_url(base: str, inst: CachedInstance) -> str:
     return f"{base}/studies/{inst.study_uid}/series/{inst.series_uid}/instances/{inst.sop_uid}"
 
 
-async def _part_body(inst: CachedInstance, negotiated: Negotiated) -> tuple[bytes | Path, str]:
+async def _part_body(inst: CachedInstance, negotiated: Negotiated) -> tuple[bytes | str, str]:
     """The bytes of one part and the transfer syntax they are in.
 
     ``transfer-syntax=*`` and a request for the stored syntax send the file as
@@ -64,12 +63,12 @@ async def _part_body(inst: CachedInstance, negotiated: Negotiated) -> tuple[byte
     """
     ts = negotiated.transfer_syntax
     if ts is None or ts == "*" or ts == inst.transfer_syntax:
-        return inst.path, inst.transfer_syntax
+        return inst.file, inst.transfer_syntax
     body = await asyncio.to_thread(dicom_files.transcode, inst.path, ts)
-    return body, ts
+    return (str(body) if isinstance(body, Path) else body), ts
 
 
-def _read(path: Path) -> bytes:
+def _read(path: str) -> bytes:
     # Page-cache reads of a few hundred KB cost less than a thread hop (PEERS.md).
     with open(path, "rb") as f:
         return f.read()
@@ -160,14 +159,14 @@ async def _multipart_instances(
                 return
             try:
                 data, ts = await _part_body(inst, negotiated)
-                size = inst.size if isinstance(data, Path) else len(data)
+                size = inst.size if isinstance(data, str) else len(data)
                 yield multipart.part_header(
                     boundary,
                     f"application/dicom; transfer-syntax={ts}",
                     _instance_url(base, inst),
                     size,
                 )
-                if isinstance(data, Path):
+                if isinstance(data, str):
                     async for chunk in _file_chunks(data, size):
                         yield chunk
                 else:
@@ -303,7 +302,7 @@ async def retrieve_instance(
     negotiated = _negotiate(request, ResourceKind.INSTANCES, single=True)
     inst = await gateway.retriever.instance(node, study, series, instance)
     data, ts = await _part_body(inst, negotiated)
-    payload = _read(data) if isinstance(data, Path) else data
+    payload = _read(data) if isinstance(data, str) else data
     note(request, count=1)
     if not negotiated.multipart:
         return Response(payload, media_type=f"application/dicom; transfer-syntax={ts}")
@@ -327,49 +326,63 @@ async def retrieve_instance(
 # -- metadata ----------------------------------------------------------------
 
 
-async def _metadata(
+def _metadata(
     request: Request,
-    instances: list[CachedInstance],
+    parts: list[bytes],
+    store: MetadataStore,
     warning: str | None = None,
     *,
     partial: bool = False,
 ) -> Response:
-    base = _base(request)
-
-    def one(inst: CachedInstance) -> dict[str, Any]:
-        url = _instance_url(base, inst)
-
-        def bulk_uri(path: tuple[int, ...]) -> str:
-            return f"{url}/bulkdata/" + "/".join(
-                f"{p:08X}" if i % 2 == 0 else str(p) for i, p in enumerate(path)
-            )
-
-        return dicom_files.metadata(inst.path, bulk_uri)
-
-    objs = await asyncio.gather(*(asyncio.to_thread(one, inst) for inst in instances))
-    note(request, count=len(objs))
+    body = store.document(parts, _base(request))
+    note(request, count=len(parts))
     if warning:
         # Some instances are missing (PS3.18 Table 10.4.3-1: 206 Partial Content),
         # or all arrived but the PACS ended with a warning status (200).
         return Response(
-            dumps(list(objs)),
+            body,
             status_code=206 if partial else 200,
             media_type=DICOM_JSON,
             headers={"Warning": f"299 {SERVICE}: {warning}"},
         )
-    return Response(dumps(list(objs)), media_type=DICOM_JSON)
+    return Response(body, media_type=DICOM_JSON)
 
 
-async def _all_of(delivery: Delivery) -> tuple[list[CachedInstance], str | None, bool]:
-    """Every instance of the delivery, a Warning text (missing instances, or a
-    PACS warning status) and whether instances are missing."""
+async def _encoded_all(
+    delivery: Delivery, store: MetadataStore
+) -> tuple[list[bytes], str | None, bool]:
+    """The DICOM JSON of every instance of the delivery, a Warning text (missing
+    instances, or a PACS warning status) and whether instances are missing.
+
+    Instances are encoded while the rest are still arriving, a batch at a time
+    in one worker thread, so a cold series' metadata is ready soon after its
+    last instance.
+    """
     await delivery.prepare()
-    out = [inst async for inst in delivery]
+    parts: list[bytes] = []
+    batch: list[CachedInstance] = []
+    running: asyncio.Future[list[bytes]] | None = None
+    try:
+        async for inst in delivery:
+            batch.append(inst)
+            if running is None or running.done():
+                if running is not None:
+                    parts += running.result()
+                running = asyncio.ensure_future(asyncio.to_thread(store.encoded_all, batch))
+                batch = []
+        if running is not None:
+            parts += await running
+            running = None
+        if batch:
+            parts += await asyncio.to_thread(store.encoded_all, batch)
+    finally:
+        if running is not None:
+            running.cancel()
     if delivery.complete:
-        return out, "; ".join(delivery.notes) or None, False
-    if not out and delivery.errors:
+        return parts, "; ".join(delivery.notes) or None, False
+    if not parts and delivery.errors:
         raise delivery.errors[0]
-    return out, "; ".join(delivery.problems) or "the retrieve did not complete", True
+    return parts, "; ".join(delivery.problems) or "the retrieve did not complete", True
 
 
 @router.get("/studies/{study}/metadata", summary="Metadata of a study's instances")
@@ -385,8 +398,10 @@ async def study_metadata(
     if not series:
         raise NotFound(f"study {study} was not found on {node.name!r}")
     delivery = Delivery(gateway.retriever, node, study, series)
-    instances, warning, partial = await until_disconnected(request, _all_of(delivery))
-    return await _metadata(request, instances, warning, partial=partial)
+    parts, warning, partial = await until_disconnected(
+        request, _encoded_all(delivery, gateway.metadata)
+    )
+    return _metadata(request, parts, gateway.metadata, warning, partial=partial)
 
 
 @router.get("/studies/{study}/series/{series}/metadata", summary="Metadata of a series")
@@ -399,8 +414,10 @@ async def series_metadata(
     check_uid("series", series)
     _negotiate(request, ResourceKind.METADATA)
     delivery = Delivery(gateway.retriever, node, study, [series])
-    instances, warning, partial = await until_disconnected(request, _all_of(delivery))
-    return await _metadata(request, instances, warning, partial=partial)
+    parts, warning, partial = await until_disconnected(
+        request, _encoded_all(delivery, gateway.metadata)
+    )
+    return _metadata(request, parts, gateway.metadata, warning, partial=partial)
 
 
 @router.get(
@@ -415,7 +432,8 @@ async def instance_metadata(
         check_uid(name, uid)
     _negotiate(request, ResourceKind.METADATA)
     inst = await gateway.retriever.instance(node, study, series, instance)
-    return await _metadata(request, [inst])
+    parts = await asyncio.to_thread(gateway.metadata.encoded_all, [inst])
+    return _metadata(request, parts, gateway.metadata)
 
 
 # -- frames and bulk data -----------------------------------------------------
