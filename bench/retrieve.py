@@ -110,13 +110,21 @@ STORESCP_AE = "STORESCP"
 MOVESCU_AE = "MOVESCU"
 NODE = "orthanc"
 ACCEPT = 'multipart/related; type="application/dicom"; transfer-syntax=*'
-TARGETS = ("gateway", "movescu", "orthanc")  # gateway = cold then warm
-KINDS = ("cold", "warm", "movescu", "orthanc")
+TARGETS = ("gateway", "movescu", "orthanc", "ceiling")  # gateway = cold then warm
+KINDS = ("cold", "warm", "movescu", "orthanc", "ceiling")
+# Series metadata (DICOM JSON): the gateway's first request after a cold retrieve
+# (files cached, nothing encoded yet), its repeat, and Orthanc's plugin.
+META_KINDS = ("meta_first", "meta_again", "orthanc_meta")
+META_ACCEPT = "application/dicom+json"
 LABEL = {
     "cold": "(a) gateway WADO-RS, cold cache (C-MOVE + stream)",
     "warm": "(b) gateway WADO-RS, warm cache",
     "movescu": "(c) DCMTK `movescu` -> `storescp -pdu 131072 -od DIR`",
     "orthanc": "(d) Orthanc WADO-RS",
+    "ceiling": "(f) loopback ceiling: the same body from `bench/ceiling.py` (sendfile)",
+    "meta_first": "gateway, first request after the cold retrieve",
+    "meta_again": "gateway, the same request again",
+    "orthanc_meta": "Orthanc DICOMweb plugin",
 }
 AIM_COLD_RATIO = 0.8  # cold gateway throughput / movescu-storescp throughput
 AIM_WARM_RATIO = 2.0  # warm gateway throughput / Orthanc WADO-RS throughput
@@ -332,8 +340,8 @@ class CurlResult:
     size: int  # body bytes
 
 
-def curl_get(url: str) -> CurlResult:
-    """GET ``url`` with the WADO-RS Accept, body to /dev/null."""
+def curl_get(url: str, accept: str = ACCEPT) -> CurlResult:
+    """GET ``url`` (the WADO-RS Accept by default), body to /dev/null."""
     cmd = [
         "curl",
         "-s",
@@ -342,7 +350,7 @@ def curl_get(url: str) -> CurlResult:
         "-o",
         "/dev/null",
         "-H",
-        f"Accept: {ACCEPT}",
+        f"Accept: {accept}",
         "--max-time",
         str(CURL_TIMEOUT),
         "-w",
@@ -389,6 +397,18 @@ def verify_multipart(url: str, expected: set[str]) -> int:
             f"{url}: {len(seen)} instances, {len(seen & expected)} of {len(expected)} expected"
         )
     return len(body)
+
+
+def verify_metadata(url: str, expected: set[str]) -> None:
+    """Check a series metadata answer holds one object per expected instance."""
+    response = httpx.get(
+        url, headers={"Accept": META_ACCEPT}, timeout=CURL_TIMEOUT, trust_env=False
+    )
+    if response.status_code != 200:
+        raise RuntimeError(f"{url}: HTTP {response.status_code}: {response.text[:300]}")
+    seen = {obj["00080018"]["Value"][0] for obj in response.json()}
+    if seen != expected:
+        raise RuntimeError(f"{url}: {len(seen & expected)} of {len(expected)} instances")
 
 
 class RssSampler:
@@ -683,17 +703,29 @@ def measure(args: argparse.Namespace) -> Report:
         }
         sizes: dict[str, int] = {}
 
+        ceiling_port = free_port()
+        ceiling = subprocess.Popen(
+            [sys.executable, "-m", "bench.ceiling", "--port", str(ceiling_port), *map(str, files)],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        stack.callback(ceiling.kill)
+        assert ceiling.stdout is not None
+        _log(ceiling.stdout.readline().strip())
+        ceiling_url = f"http://127.0.0.1:{ceiling_port}/"
+
         def http_run(kind: str, url: str, round_number: int) -> Run:
             moves_before = len(gateway.moves())
             gw_cpu = _tree_cpu(gateway.pid) if gateway.process else 0.0
             or_cpu = _cpu_seconds(orthanc_pid)
-            result = curl_get(url)
+            meta = kind in META_KINDS
+            result = curl_get(url, META_ACCEPT if meta else ACCEPT)
             run = Run(kind, round_number, result.total, result.ttfb, result.size)
             run.orthanc_cpu = _cpu_seconds(orthanc_pid) - or_cpu
-            if kind in ("cold", "warm"):
+            if kind in ("cold", "warm", "meta_first", "meta_again"):
                 run.gateway_cpu = _tree_cpu(gateway.pid) - gw_cpu
                 new_moves = gateway.moves()[moves_before:]
-                if kind == "warm" and new_moves:
+                if kind != "cold" and new_moves:
                     raise RuntimeError(f"the warm request caused a C-MOVE: {new_moves}")
                 if kind == "cold":
                     if len(new_moves) != 1 or int(new_moves[0]["completed"]) != len(files):
@@ -701,7 +733,9 @@ def measure(args: argparse.Namespace) -> Report:
                     run.move_ms = float(new_moves[0]["ms"])
             if result.status != 200:
                 raise RuntimeError(f"{kind}: HTTP {result.status}")
-            key = "orthanc" if kind == "orthanc" else "gateway"
+            if meta:
+                return run
+            key = kind if kind in ("orthanc", "ceiling") else "gateway"
             if result.size != sizes[key]:
                 raise RuntimeError(f"{kind}: {result.size} body bytes, expected {sizes[key]}")
             return run
@@ -732,17 +766,25 @@ def measure(args: argparse.Namespace) -> Report:
         def gateway_pair(round_number: int) -> list[Run]:
             gateway.restart_empty()
             cold = http_run("cold", gw_url, round_number)
+            meta = http_run("meta_first", f"{gw_url}/metadata", round_number)
             warm = http_run("warm", gw_url, round_number)
-            return [cold, warm]
+            again = http_run("meta_again", f"{gw_url}/metadata", round_number)
+            return [cold, warm, meta, again]
+
+        def orthanc_pair(round_number: int) -> list[Run]:
+            wado = http_run("orthanc", orthanc_url, round_number)
+            meta = http_run("orthanc_meta", f"{orthanc_url}/metadata", round_number)
+            return [wado, meta]
 
         def show(run: Run) -> None:
             mb = report.data_bytes / 1e6
             ttfb = f", TTFB {run.ttfb * 1000:5.1f} ms" if run.ttfb is not None else ""
             cpu = f", gateway CPU {run.gateway_cpu * 1000:4.0f} ms" if run.gateway_cpu else ""
             move = f", C-MOVE {run.move_ms:.0f} ms" if run.move_ms else ""
+            rate = "" if run.kind in META_KINDS else f"{mb / run.seconds:6.0f} MB/s"
             _log(
-                f"round {run.round} {run.kind:8s} {run.seconds * 1000:7.0f} ms "
-                f"{mb / run.seconds:6.0f} MB/s{ttfb}{cpu}{move}"
+                f"round {run.round} {run.kind:12s} {run.seconds * 1000:7.0f} ms "
+                f"{rate}{ttfb}{cpu}{move}"
             )
 
         _log("verifying the responses and warming up (one run of each)")
@@ -750,12 +792,23 @@ def measure(args: argparse.Namespace) -> Report:
         sizes["orthanc"] = verify_multipart(orthanc_url, expected)
         sizes["gateway"] = verify_multipart(gw_url, expected)  # cold, through a C-MOVE
         verify_multipart(gw_url, expected)  # warm
-        for run in [*gateway_pair(0), movescu_run(0), http_run("orthanc", orthanc_url, 0)]:
+        sizes["ceiling"] = verify_multipart(ceiling_url, expected)
+        verify_metadata(f"{gw_url}/metadata", expected)
+        verify_metadata(f"{orthanc_url}/metadata", expected)
+        for run in [
+            *gateway_pair(0),
+            movescu_run(0),
+            *orthanc_pair(0),
+            http_run("ceiling", ceiling_url, 0),
+        ]:
             show(run)
 
         if args.hold:
             # For experiments by hand: the peers stay up, the cache is warm.
-            _log(f"holding (Ctrl-C ends): gateway {gw_url} (pid {gateway.pid}), Orthanc {orthanc_url}")
+            _log(
+                f"holding (Ctrl-C ends): gateway {gw_url} (pid {gateway.pid}), "
+                f"Orthanc {orthanc_url}"
+            )
             _log(f"movescu: {shlex.join(movescu_cmd)}")
             signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
             signal.sigwait({signal.SIGINT, signal.SIGTERM})
@@ -769,8 +822,10 @@ def measure(args: argparse.Namespace) -> Report:
                     runs = gateway_pair(round_number)
                 elif target == "movescu":
                     runs = [movescu_run(round_number)]
+                elif target == "orthanc":
+                    runs = orthanc_pair(round_number)
                 else:
-                    runs = [http_run("orthanc", orthanc_url, round_number)]
+                    runs = [http_run("ceiling", ceiling_url, round_number)]
                 for run in runs:
                     report.runs.append(run)
                     show(run)
@@ -953,6 +1008,11 @@ def summary(report: Report) -> dict[str, Any]:
         "warm_ratio": med["orthanc"] / med["warm"],
         "ratio_by_round": by_round,
         "cold_ttfb_ms": statistics.median(ttfb) * 1000,
+        "warm_of_ceiling": med["ceiling"] / med["warm"],
+        "ceiling_vs_orthanc": med["orthanc"] / med["ceiling"],
+        "meta_median_s": {
+            k: statistics.median(report.seconds(k)) for k in META_KINDS if report.of(k)
+        },
         "study_vmhwm_mb": report.study["cold"]["vmhwm_kb"] / 1024 if report.study else None,
     }
 
@@ -1038,6 +1098,33 @@ def render(
     move_ms = [r.move_ms for r in report.of("cold") if r.move_ms is not None]
     lines += [
         "",
+        f"Warm against the ceiling: (f) sends the same bytes with nothing but `sendfile` "
+        f"and took {_ms(med['ceiling'])} ms, {s['ceiling_vs_orthanc']:.2f}x Orthanc; the warm "
+        f"gateway runs at {s['warm_of_ceiling'] * 100:.0f} % of that.  "
+        f"{AIM_WARM_RATIO:.0f}x Orthanc means {_ms(med['orthanc'] / AIM_WARM_RATIO)} ms"
+        + (
+            ", which is below what this machine's loopback and curl allow."
+            if med["orthanc"] / AIM_WARM_RATIO < med["ceiling"]
+            else "."
+        ),
+    ]
+    if s["meta_median_s"]:
+        lines += [
+            "",
+            "Series metadata (`GET .../metadata`, `Accept: application/dicom+json`, "
+            f"{report.instances} instances, curl), per round after the series' retrieves:",
+            "",
+            "| metadata | median | min .. max |",
+            "|---|---|---|",
+        ]
+        for kind in META_KINDS:
+            secs = report.seconds(kind)
+            lines.append(
+                f"| {LABEL[kind]} | {_ms(statistics.median(secs))} ms | {_ms(min(secs))} .. "
+                f"{_ms(max(secs))} ms |"
+            )
+    lines += [
+        "",
         "Times per round (ms): "
         + "; ".join(f"{k} " + ", ".join(_ms(x) for x in report.seconds(k)) for k in KINDS)
         + ".  The C-MOVE inside the cold runs, as the gateway logged it (C-MOVE-RQ to final "
@@ -1072,7 +1159,9 @@ def render(
         f"HTTP client: `{setup['curl']}` (TTFB = `time_starttransfer`, time = `time_total`).  "
         f"Native ceiling: `TCP_NODELAY=1 {setup['movescu']}` into `{setup['storescp']}` "
         "(TCP_NODELAY=1), timed as the movescu process's wall time, which includes DCMTK's "
-        "~20 ms start-up.  Checks: every HTTP answer 200 with the body size of a response "
+        "~20 ms start-up.  Ceiling (f): `python -m bench.ceiling` in a process of its own, "
+        "one thread per connection, the body's part headers from `app.dicomweb.multipart`.  "
+        "Checks: every HTTP answer 200 with the body size of a response "
         "verified by parsing (300 parts, the expected SOPInstanceUIDs, closing delimiter); "
         "each cold run logged exactly one C-MOVE with 300 completed sub-operations and each "
         "warm run none; each movescu run exit 0 and 300 files.",
