@@ -1,10 +1,12 @@
 """What the benchmark scripts share: the gateway as a child process, shell
-output for their reports, and their own section of ``docs/benchmarks.md``."""
+output, the machine and code measured for their reports, and their own
+section of ``docs/benchmarks.md``."""
 
 from __future__ import annotations
 
 import contextlib
 import os
+import platform
 import shlex
 import signal
 import subprocess
@@ -21,6 +23,14 @@ GATEWAY_AE = "DIMSEGW"
 
 TomlValue = str | int | float | bool
 
+DOC_INTRO = """# Benchmarks
+
+Reproducible measurements of the gateway against the PACS it fronts.  Each
+section below is written by the script it names (run from the repository root);
+re-running a script replaces only its own section.  The machines are shared and
+noisy: compare numbers within one run, not across runs.
+"""
+
 
 def sh(cmd: Sequence[str]) -> str:
     """A command's output (stdout, else stderr) for a report; never raises."""
@@ -29,6 +39,38 @@ def sh(cmd: Sequence[str]) -> str:
     except (OSError, subprocess.SubprocessError) as exc:
         return f"(failed: {exc})"
     return (out.stdout or out.stderr).strip()
+
+
+def machine() -> dict[str, object]:
+    """CPU model and count, memory, kernel and load average now."""
+    cpu = platform.processor() or "?"
+    mem_kb = 0
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal:"):
+                mem_kb = int(line.split()[1])
+    return {
+        "nproc": os.cpu_count(),
+        "cpu": cpu,
+        "memory_gib": round(mem_kb / 1024**2, 1),
+        "kernel": platform.release(),
+        "load_start": [round(x, 2) for x in os.getloadavg()],
+    }
+
+
+def code() -> str:
+    """The commit measured, and whether app/ differs from it (others edit concurrently)."""
+    head = sh(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"])
+    dirty = sh(["git", "-C", str(REPO), "status", "--porcelain", "--", "app"]).splitlines()
+    if not dirty:
+        return f"commit {head}"
+    names = ", ".join(line.split(maxsplit=1)[-1] for line in dirty)
+    return f"commit {head} with uncommitted changes in {names}"
 
 
 def _toml(value: TomlValue) -> str:
@@ -41,6 +83,14 @@ def _toml(value: TomlValue) -> str:
 
 def _table(header: str, values: Mapping[str, TomlValue]) -> str:
     return header + "\n" + "".join(f"{key} = {_toml(v)}\n" for key, v in values.items())
+
+
+def clean_env() -> dict[str, str]:
+    """This process's environment without ``DIMSE_GATEWAY_*`` and proxy variables."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DIMSE_GATEWAY_")}
+    for proxy in ("http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY", "all_proxy"):
+        env.pop(proxy, None)
+    return env
 
 
 class GatewayProcess:
@@ -103,9 +153,7 @@ class GatewayProcess:
         """Start it and wait until both ports listen and ``/health`` answers."""
         from tests.peers.common import port_is_open
 
-        env = {k: v for k, v in os.environ.items() if not k.startswith("DIMSE_GATEWAY_")}
-        for proxy in ("http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY", "all_proxy"):
-            env.pop(proxy, None)
+        env = clean_env()
         # This checkout's code, whatever the venv's editable install points at.
         env["PYTHONPATH"] = os.pathsep.join([str(REPO), *filter(None, [env.get("PYTHONPATH")])])
         with self.log_path.open("ab") as log:

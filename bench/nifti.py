@@ -55,17 +55,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from bench.common import machine
+
 REPO = Path(__file__).resolve().parents[1]
 DOC_PATH = REPO / "docs" / "benchmarks.md"
 MARK_START = "<!-- nifti:start -->"
 MARK_END = "<!-- nifti:end -->"
-DOC_INTRO = """# Benchmarks
-
-Reproducible measurements of the gateway against the PACS it fronts.  Each
-section below is written by the script it names (run from the repository root);
-re-running a script replaces only its own section.  The machines are shared and
-noisy: compare numbers within one run, not across runs.
-"""
 TIME = "/usr/bin/time"  # GNU time (Debian package "time")
 AIM_GZIP_SPEEDUP = 4.0
 AIM_MEMORY_FACTOR = 3.0
@@ -227,18 +222,6 @@ def _summary(runs: dict[str, list[Run]]) -> dict[str, dict[str, Any]]:
     return result
 
 
-def _machine() -> dict[str, Any]:
-    cpu = platform.processor() or ""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {"nproc": os.cpu_count(), "cpu": cpu, "kernel": platform.release()}
-
-
 def _verdict(ok: bool) -> str:
     return "met" if ok else "**not met**"
 
@@ -348,7 +331,8 @@ E2E_PAIRS = (("gw-gz", "hand-gz"), ("gw-nii", "hand-nii"))
 
 def _curl_to_file(url: str, out: Path) -> tuple[int, float, float, int]:
     """GET ``url`` into ``out``: HTTP status, time to first byte, to last byte, size."""
-    from bench.retrieve import CURL_TIMEOUT, _clean_env
+    from bench.common import clean_env as _clean_env
+    from bench.retrieve import CURL_TIMEOUT
 
     command = [
         "curl", "-s", "--noproxy", "*", "-o", str(out), "--max-time", str(CURL_TIMEOUT),
@@ -599,7 +583,7 @@ def _e2e_lines(e2e: dict[str, Any]) -> list[str]:
 
 def write_doc(section: str, path: Path = DOC_PATH) -> None:
     # Here, not at the top: the measured child imports this module (and no httpx).
-    from bench.common import write_doc_section
+    from bench.common import DOC_INTRO, write_doc_section
 
     write_doc_section(path, section, MARK_START, MARK_END, DOC_INTRO)
 
@@ -650,7 +634,7 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
     return {
         "meta": {
             "started": started,
-            "machine": _machine(),
+            "machine": machine(),
             "load_start": load_start,
             "load_end": _load(),
             "python": platform.python_version(),

@@ -66,7 +66,15 @@ from typing import Any
 import httpx
 
 from app.sampledata import benchmark_ct, sample_studies, write_datasets
-from bench.common import GATEWAY_AE, LOOPBACK, REPO, GatewayProcess, sh, write_doc_section
+from bench.common import (
+    DOC_INTRO,
+    GATEWAY_AE,
+    LOOPBACK,
+    REPO,
+    GatewayProcess,
+    sh,
+    write_doc_section,
+)
 from tests.peers.common import free_port
 from tests.peers.orthanc import ORTHANC_BINARY, OrthancPeer, orthanc_available
 
@@ -74,13 +82,6 @@ DOC_PATH = REPO / "docs" / "benchmarks.md"
 JSON_PATH = REPO / "bench" / "results" / "qido_latency.json"
 MARK_START = "<!-- qido-latency:start -->"
 MARK_END = "<!-- qido-latency:end -->"
-DOC_INTRO = """# Benchmarks
-
-Reproducible measurements of the gateway against the PACS it fronts.  Each
-section below is written by the script it names (run from the repository root);
-re-running a script replaces only its own section.  The machines are shared and
-noisy: compare numbers within one run, not across runs.
-"""
 
 ORTHANC_AET = "ORTHANC"
 MAX_ASSOCIATIONS = 4

@@ -80,6 +80,7 @@ import sys
 import tempfile
 import threading
 import time
+import tomllib
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -89,23 +90,15 @@ from typing import Any
 
 import httpx
 
+from bench import common
+from bench.common import GATEWAY_AE, LOOPBACK, REPO
 from bench.store_receive import _cpu_seconds, _log, _rotated
 
-REPO = Path(__file__).resolve().parents[1]
 DOC_PATH = REPO / "docs" / "benchmarks.md"
 RESULTS_PATH = REPO / "bench" / "results" / "retrieve.json"
 MARK_START = "<!-- retrieve:start -->"
 MARK_END = "<!-- retrieve:end -->"
-DOC_INTRO = """# Benchmarks
 
-Reproducible measurements of the gateway against the PACS it fronts.  Each
-section below is written by the script it names (run from the repository root);
-re-running a script replaces only its own section.  The machines are shared and
-noisy: compare numbers within one run, not across runs.
-"""
-
-LOOPBACK = "127.0.0.1"
-GATEWAY_AE = "DIMSEGW"
 STORESCP_AE = "STORESCP"
 MOVESCU_AE = "MOVESCU"
 NODE = "orthanc"
@@ -139,14 +132,6 @@ _CMOVE_LINE = re.compile(
     r"completed=(?P<completed>\d+) failed=(?P<failed>\d+) warning=\d+ "
     r"(?:.*? )?elapsed=(?P<ms>[\d.]+)ms"
 )
-
-
-def _sh(cmd: Sequence[str]) -> str:
-    try:
-        out = subprocess.run(cmd, capture_output=True, text=True, timeout=20, check=False)
-    except (OSError, subprocess.SubprocessError) as exc:
-        return f"(failed: {exc})"
-    return (out.stdout or out.stderr).strip()
 
 
 def _status_kb(pid: int, key: str) -> int:
@@ -189,19 +174,12 @@ def _tree_kb(pid: int, key: str) -> int:
     return sum(_status_kb(member, key) for member in _tree(pid))
 
 
-def _clean_env() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("DIMSE_GATEWAY_")}
-    for proxy in ("http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY", "all_proxy"):
-        env.pop(proxy, None)
-    return env
-
-
 # --------------------------------------------------------------------------- the gateway
 
 
-class GatewayProcess:
-    """``dimse-gateway serve --config FILE`` as a child process in a session of its own,
-    restartable with an empty cache (same ports, same config)."""
+class GatewayProcess(common.GatewayProcess):
+    """The gateway on one Orthanc node, restartable with an empty cache (same
+    ports, same config).  ``node_options``: TOML lines added to the node."""
 
     def __init__(
         self,
@@ -211,96 +189,19 @@ class GatewayProcess:
         storage_port: int,
         node_options: Sequence[str] = (),
     ):
-        from tests.peers.common import free_port
-
-        self.workdir = workdir
-        self.workdir.mkdir(parents=True, exist_ok=True)
-        self.work_dir = workdir / "work"
-        self.http_port = free_port()
-        self.storage_port = storage_port
-        self.config_path = workdir / "gateway.toml"
-        self.log_path = workdir / "gateway.log"
-        self.process: subprocess.Popen[bytes] | None = None
-        self.config_text = (
-            "# Written by bench/retrieve.py\n"
-            "[gateway]\n"
-            f'ae_title = "{GATEWAY_AE}"\n'
-            f"storage_port = {storage_port}\n"
-            f'storage_host = "{LOOPBACK}"\n'
-            f'http_host = "{LOOPBACK}"\n'
-            f"http_port = {self.http_port}\n"
-            f'work_dir = "{self.work_dir}"\n'
-            'log_level = "INFO"\n'
-            "\n[[nodes]]\n"
-            f'name = "{NODE}"\n'
-            f'ae_title = "{orthanc_aet}"\n'
-            f'host = "{LOOPBACK}"\n'
-            f"port = {orthanc_port}\n"
-            "default = true\n"
-            "dimse_timeout = 120\n" + "".join(f"{option}\n" for option in node_options)
+        node: dict[str, common.TomlValue] = {
+            "name": NODE,
+            "ae_title": orthanc_aet,
+            "host": LOOPBACK,
+            "port": orthanc_port,
+            "default": True,
+            "dimse_timeout": 120,
+        }
+        for option in node_options:
+            node.update(tomllib.loads(option))
+        super().__init__(
+            workdir, nodes=[node], storage_port=storage_port, written_by="bench/retrieve.py"
         )
-        self.config_path.write_text(self.config_text, encoding="utf-8")
-        script = Path(sys.executable).with_name("dimse-gateway")
-        self.command = ([str(script)] if script.exists() else [sys.executable, "-m", "app.cli"]) + [
-            "serve",
-            "--config",
-            str(self.config_path),
-        ]
-
-    @property
-    def url(self) -> str:
-        return f"http://{LOOPBACK}:{self.http_port}"
-
-    @property
-    def pid(self) -> int:
-        assert self.process is not None
-        return self.process.pid
-
-    def start(self, timeout: float = 30.0) -> None:
-        from tests.peers.common import port_is_open
-
-        env = _clean_env()
-        env["PYTHONPATH"] = os.pathsep.join(
-            [str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])]
-        )
-        with self.log_path.open("ab") as log:
-            log.write(f"\n=== {time.strftime('%H:%M:%S')} {shlex.join(self.command)}\n".encode())
-            log.flush()
-            self.process = subprocess.Popen(
-                self.command,
-                cwd=REPO,
-                env=env,
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
-        deadline = time.monotonic() + timeout
-        while True:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"the gateway exited during start-up:\n{self.log_tail()}")
-            if port_is_open(LOOPBACK, self.http_port) and port_is_open(LOOPBACK, self.storage_port):
-                with contextlib.suppress(httpx.HTTPError):
-                    if httpx.get(f"{self.url}/health", timeout=2, trust_env=False).is_success:
-                        return
-            if time.monotonic() > deadline:
-                raise RuntimeError(
-                    f"the gateway is not ready after {timeout} s:\n{self.log_tail()}"
-                )
-            time.sleep(0.05)
-
-    def stop(self) -> None:
-        proc = self.process
-        if proc is None or proc.poll() is not None:
-            return
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(proc.pid, signal.SIGKILL)
-            proc.wait(5)
 
     def restart_empty(self) -> None:
         """Stop, delete ``work_dir/cache``, start a fresh process and warm it up."""
@@ -318,15 +219,9 @@ class GatewayProcess:
         if response.status_code != 400:
             raise RuntimeError(f"warm-up request: HTTP {response.status_code}, expected 400")
 
-    def log_text(self) -> str:
-        return self.log_path.read_text("utf-8", "replace") if self.log_path.exists() else ""
-
     def moves(self) -> list[dict[str, Any]]:
         """Every C-MOVE line the gateway logged so far."""
         return [m.groupdict() for m in _CMOVE_LINE.finditer(self.log_text())]
-
-    def log_tail(self, lines: int = 40) -> str:
-        return "\n".join(self.log_text().splitlines()[-lines:]) or "(no log)"
 
 
 # --------------------------------------------------------------------------- clients
@@ -363,7 +258,7 @@ def curl_get(url: str, accept: str = ACCEPT) -> CurlResult:
         text=True,
         timeout=CURL_TIMEOUT + 10,
         check=False,
-        env=_clean_env(),
+        env=common.clean_env(),
     )
     fields = out.stdout.split()
     if out.returncode != 0 or len(fields) != 4:
@@ -939,37 +834,6 @@ def profile_gateway(gateway: GatewayProcess, url: str, instances: int, runs: int
 # --------------------------------------------------------------------------- report
 
 
-def _machine() -> dict[str, Any]:
-    cpu = "?"
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    mem_kb = 0
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemTotal:"):
-                mem_kb = int(line.split()[1])
-    return {
-        "nproc": os.cpu_count(),
-        "cpu": cpu,
-        "memory_gib": round(mem_kb / 1024**2, 1),
-        "kernel": platform.release(),
-        "load_start": os.getloadavg(),
-    }
-
-
-def _code() -> str:
-    """The commit measured, and whether app/ differs from it (others edit concurrently)."""
-    head = _sh(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"])
-    dirty = _sh(["git", "-C", str(REPO), "status", "--porcelain", "--", "app"]).splitlines()
-    if not dirty:
-        return f"commit {head}"
-    names = ", ".join(line.split(maxsplit=1)[-1] for line in dirty)
-    return f"commit {head} with uncommitted changes in {names}"
-
-
 def _versions() -> dict[str, str]:
     versions = {"python": platform.python_version()}
     for dist in ("dimse-gateway", "uvicorn", "fastapi", "starlette", "pydicom", "pynetdicom"):
@@ -977,9 +841,9 @@ def _versions() -> dict[str, str]:
             versions[dist] = metadata.version(dist)
     from tests.peers.common import dcmtk_tool
 
-    dcmtk = re.search(r"v(\d+\.\d+\.\d+)", _sh([dcmtk_tool("movescu"), "--version"]))
+    dcmtk = re.search(r"v(\d+\.\d+\.\d+)", common.sh([dcmtk_tool("movescu"), "--version"]))
     versions["dcmtk"] = dcmtk.group(1) if dcmtk else "?"
-    versions["curl"] = [*_sh(["curl", "--version"]).split(), "?", "?"][1]
+    versions["curl"] = [*common.sh(["curl", "--version"]).split(), "?", "?"][1]
     return versions
 
 
@@ -1211,7 +1075,7 @@ def profile_lines(profile: dict[str, Any], top: int = 7) -> list[str]:
 def write_doc(section: str, path: Path = DOC_PATH) -> None:
     """Replace our section of ``path`` (or append it), leaving the rest alone.  The
     file is read right before writing: other scripts write their own sections."""
-    text = path.read_text(encoding="utf-8") if path.exists() else DOC_INTRO
+    text = path.read_text(encoding="utf-8") if path.exists() else common.DOC_INTRO
     start, end = text.find(MARK_START), text.find(MARK_END)
     if start != -1 and end > start:
         text = text[:start] + section + text[end + len(MARK_END) :].lstrip("\n")
@@ -1285,9 +1149,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.rounds < 1:
         parser.error("--rounds must be at least 1")
     started = _dt.datetime.now(_dt.UTC)
-    machine = _machine()
+    machine = common.machine()
     versions = _versions()
-    code = _code()
+    code = common.code()
     t0 = time.monotonic()
     report = measure(args)
     duration = time.monotonic() - t0

@@ -73,7 +73,16 @@ import httpx
 from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
 
-from bench.common import GATEWAY_AE, LOOPBACK, REPO, GatewayProcess, sh, write_doc_section
+from bench.common import (
+    GATEWAY_AE,
+    LOOPBACK,
+    REPO,
+    GatewayProcess,
+    code,
+    machine,
+    sh,
+    write_doc_section,
+)
 
 DOC_PATH = REPO / "docs" / "benchmarks.md"
 RESULTS_PATH = REPO / "bench" / "results" / "soak.json"
@@ -861,8 +870,12 @@ class Soak:
         moves = len(re.findall(r"C-MOVE \S+ level=", run["log_text"]))
         return {
             "date": run["started_wall"].strftime("%Y-%m-%d %H:%M UTC"),
-            "machine": _machine(run["load_start"]),
-            "code": _code(),
+            "machine": {
+                **machine(),
+                "load_start": [round(x, 2) for x in run["load_start"]],
+                "load_end": [round(x, 2) for x in os.getloadavg()],
+            },
+            "code": code(),
             "versions": _versions(),
             "command": "python -m bench.soak " + " ".join(sys.argv[1:]),
             "args": vars(self.args),
@@ -897,38 +910,6 @@ class Soak:
 
 
 # --------------------------------------------------------------------------- report
-
-
-def _machine(load_start: tuple[float, float, float]) -> dict[str, Any]:
-    cpu = "?"
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    mem_kb = 0
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemTotal:"):
-                mem_kb = int(line.split()[1])
-    return {
-        "nproc": os.cpu_count(),
-        "cpu": cpu,
-        "memory_gib": round(mem_kb / 1024**2, 1),
-        "kernel": platform.release(),
-        "load_start": [round(x, 2) for x in load_start],
-        "load_end": [round(x, 2) for x in os.getloadavg()],
-    }
-
-
-def _code() -> str:
-    head = sh(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"])
-    dirty = sh(["git", "-C", str(REPO), "status", "--porcelain", "--", "app"]).splitlines()
-    if not dirty:
-        return f"commit {head}"
-    return f"commit {head} with uncommitted changes in " + ", ".join(
-        line.split(maxsplit=1)[-1] for line in dirty
-    )
 
 
 def _versions() -> dict[str, str]:

@@ -56,17 +56,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from bench import common
+
 REPO = Path(__file__).resolve().parents[1]
 DOC_PATH = REPO / "docs" / "benchmarks.md"
 MARK_START = "<!-- store-receive:start -->"
 MARK_END = "<!-- store-receive:end -->"
-DOC_INTRO = """# Benchmarks
-
-Reproducible measurements of the gateway against the PACS it fronts.  Each
-section below is written by the script it names (run from the repository root);
-re-running a script replaces only its own section.  The machines are shared and
-noisy: compare numbers within one run, not across runs.
-"""
 
 LOOPBACK = "127.0.0.1"
 ORTHANC_AE = "ORTHANC"
@@ -375,16 +370,10 @@ def measure(args: argparse.Namespace) -> Report:
 
 
 def _machine() -> str:
-    cpu = "?"
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    load = os.getloadavg()[0]
+    m = common.machine()
     return (
-        f"{os.cpu_count()} vCPU {cpu}, Linux {platform.release()}, "
-        f"load average {load:.1f} at the start"
+        f"{m['nproc']} vCPU {m['cpu']}, Linux {m['kernel']}, "
+        f"load average {m['load_start'][0]:.1f} at the start"
     )
 
 
@@ -458,7 +447,7 @@ def render(
 
 def write_doc(section: str, path: Path = DOC_PATH) -> None:
     """Replace our section of ``path`` (or append it), leaving the rest alone."""
-    text = path.read_text(encoding="utf-8") if path.exists() else DOC_INTRO
+    text = path.read_text(encoding="utf-8") if path.exists() else common.DOC_INTRO
     start, end = text.find(MARK_START), text.find(MARK_END)
     if start != -1 and end > start:
         text = text[:start] + section + text[end + len(MARK_END) :].lstrip("\n")
