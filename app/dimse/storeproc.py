@@ -57,6 +57,7 @@ from app.dimse.storescp import (
     STATUS_SUCCESS,
     IncomingInstance,
     StorageSCP,
+    route_by_originator,
 )
 from app.dimse.tls import server_context
 from app.dimse.uidscan import file_study_series
@@ -465,16 +466,7 @@ class _ChildSink:
 
     def _route(self, incoming: IncomingInstance) -> Expectation | None:
         with self._lock:
-            msg_id = incoming.move_originator_message_id
-            if msg_id is not None:
-                found = self._expected.get(msg_id)
-                if found is not None and found.calling_ae == incoming.calling_ae:
-                    return found
-                return None
-            # No originator ID (it is a U attribute): a retrieve from the same
-            # PACS, if there is only one; the study/series check follows at close.
-            candidates = [e for e in self._expected.values() if e.calling_ae == incoming.calling_ae]
-        return candidates[0] if len(candidates) == 1 else None
+            return route_by_originator(incoming, self._expected, lambda e: e.calling_ae)
 
     def _refuse(self, incoming: IncomingInstance, status: int, started: float | None) -> int:
         seconds = None if started is None else time.monotonic() - started

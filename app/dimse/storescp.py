@@ -61,10 +61,10 @@ import ssl
 import struct
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO, Final, Protocol
+from typing import BinaryIO, Final, Protocol, TypeVar
 
 from pydicom.uid import UID
 
@@ -221,6 +221,33 @@ class DirectorySink:
             return STATUS_OUT_OF_RESOURCES
         os.replace(part, final)
         return STATUS_SUCCESS
+
+
+_Waiting = TypeVar("_Waiting")
+
+
+def route_by_originator(
+    incoming: IncomingInstance,
+    waiting: Mapping[int, _Waiting],
+    calling_ae: Callable[[_Waiting], str],
+) -> _Waiting | None:
+    """Which waiting retrieve an incoming instance belongs to, or None.
+
+    *waiting* maps each running retrieve's C-MOVE Message ID to it.  The Move
+    Originator Message ID decides, if the calling AE is the PACS that retrieve
+    asked (pynetdicom's qrscp puts its own title in Move Originator AE, so the
+    originator AE says nothing).  Without an originator ID (a U attribute) the
+    instance goes to the one retrieve running on that PACS, if there is only
+    one; its study/series check follows when it is complete.
+    """
+    msg_id = incoming.move_originator_message_id
+    if msg_id is not None:
+        found = waiting.get(msg_id)
+        if found is not None and calling_ae(found) == incoming.calling_ae:
+            return found
+        return None
+    candidates = [w for w in waiting.values() if calling_ae(w) == incoming.calling_ae]
+    return candidates[0] if len(candidates) == 1 else None
 
 
 def is_storage_sop_class(uid: str) -> bool:

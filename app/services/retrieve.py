@@ -36,7 +36,7 @@ from app.dimse.get import GetAssociationRejected, GetModel, GetUnsupported, c_ge
 from app.dimse.move import MoveModel, MoveProgress, MoveResult, c_move, raise_for_refusal
 from app.dimse.pool import AssociationPool
 from app.dimse.storeproc import Arrival, Expectation, StorageProcess, StorageProcessError
-from app.dimse.storescp import IncomingInstance
+from app.dimse.storescp import IncomingInstance, route_by_originator
 from app.dimse.uidscan import file_study_series
 from app.errors import (
     AssociationAborted,
@@ -574,16 +574,7 @@ class Retriever:
 
     def _route(self, incoming: IncomingInstance) -> Fetch | None:
         with self._lock:
-            msg_id = incoming.move_originator_message_id
-            if msg_id is not None:
-                fetch = self._by_msg.get(msg_id)
-                if fetch is not None and fetch.calling_ae == incoming.calling_ae:
-                    return fetch
-                return None
-            # No originator ID (allowed: it is a U attribute): a fetch from the same
-            # PACS, if there is only one; its study/series check follows at close.
-            candidates = [f for f in self._by_msg.values() if f.calling_ae == incoming.calling_ae]
-        return candidates[0] if len(candidates) == 1 else None
+            return route_by_originator(incoming, self._by_msg, lambda f: f.calling_ae)
 
 
 class _TempFile(io.FileIO):
