@@ -20,7 +20,8 @@ Names (all prefixed ``dimse_gateway_``):
   ``pool_max_associations{node}``, ``pool_opened_total{node}``,
   ``pool_failed_opens_total{node}``, ``pool_discarded_total{node}``.
 - ``cache_bytes``, ``cache_max_bytes``, ``cache_lookups_total{kind,result}``
-  (kind instance or series, result hit or miss), ``retrieve_moves_started_total``.
+  (kind instance, series or metadata (an instance's DICOM JSON in memory), result
+  hit or miss), ``retrieve_moves_started_total``.
 """
 
 from __future__ import annotations
@@ -172,6 +173,8 @@ class _GatewayCollector(Collector):
         for kind in ("instance", "series"):
             for result in ("hit", "miss"):
                 lookups.add_metric([kind, result], cache.lookups[kind, result])
+        lookups.add_metric(["metadata", "hit"], gateway.metadata.hits)
+        lookups.add_metric(["metadata", "miss"], gateway.metadata.misses)
         yield lookups
         yield CounterMetricFamily(
             PREFIX + "retrieve_moves_started",

@@ -272,6 +272,25 @@ def test_a_retrieve_moves_c_move_c_store_cache_and_bytes(
     )
 
 
+def test_series_metadata_is_encoded_once_then_served_from_memory(
+    gateway: GatewayServer, orthanc_peer: OrthancPeer
+) -> None:
+    study, series, count = small_series(orthanc_peer, 2)
+    url = f"{gateway.dicomweb}/studies/{study}/series/{series}/metadata"
+    before = scrape(gateway)
+    first = httpx.get(url, timeout=120)
+    middle = scrape(gateway)
+    again = httpx.get(url, timeout=120)
+    after = scrape(gateway)
+    assert first.status_code == again.status_code == 200
+    assert first.content == again.content and len(first.json()) == count
+    name = "dimse_gateway_cache_lookups_total"
+    assert delta(before, middle, name, kind="metadata", result="miss") == count
+    assert delta(before, middle, name, kind="metadata", result="hit") == 0
+    assert delta(middle, after, name, kind="metadata", result="miss") == 0
+    assert delta(middle, after, name, kind="metadata", result="hit") == count
+
+
 def test_a_c_get_retrieve_counts_each_c_store_with_its_time(
     gateway: GatewayServer, orthanc_peer: OrthancPeer
 ) -> None:
