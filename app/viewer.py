@@ -87,11 +87,80 @@ def data_sources(nodes: list[PacsNode], default: PacsNode | None) -> list[DataSo
     return sources
 
 
-def app_config(router_basename: str, sources: list[DataSource]) -> str:
+# With authentication on: the viewer is opened as /viewer/?token=<API key or
+# OIDC access token>.  OHIF itself honours ?token= only on its viewer routes,
+# not on the study list, and its data source ignores requestOptions.auth; so
+# this runs before the app, keeps the token for the browser tab (sessionStorage,
+# never in the URL or history), and adds it to every request to this origin
+# that does not carry an Authorization header already (XHR: dicomweb-client and
+# the image loader; fetch: thumbnails and the rest).
+_CREDENTIALS_JS = """\
+(() => {
+  const KEY = "dimse-gateway-token";
+  const params = new URLSearchParams(window.location.search);
+  const given = params.get("token");
+  if (given) {
+    sessionStorage.setItem(KEY, given);
+    params.delete("token");
+    const rest = params.toString();
+    window.history.replaceState(
+      null, "", window.location.pathname + (rest ? "?" + rest : "") + window.location.hash);
+  }
+  const bearer = () => {
+    const token = sessionStorage.getItem(KEY);
+    return token ? "Bearer " + token : null;
+  };
+  const ours = (url) => {
+    try {
+      return new URL(url, window.location.href).origin === window.location.origin;
+    } catch (e) {
+      return false;
+    }
+  };
+  const open = XMLHttpRequest.prototype.open;
+  const setHeader = XMLHttpRequest.prototype.setRequestHeader;
+  const send = XMLHttpRequest.prototype.send;
+  XMLHttpRequest.prototype.open = function (method, url, ...rest) {
+    this._gatewayOwn = ours(url);
+    this._gatewayAuthorized = false;
+    return open.call(this, method, url, ...rest);
+  };
+  XMLHttpRequest.prototype.setRequestHeader = function (name, value) {
+    if (String(name).toLowerCase() === "authorization") this._gatewayAuthorized = true;
+    return setHeader.call(this, name, value);
+  };
+  XMLHttpRequest.prototype.send = function (...args) {
+    const value = bearer();
+    if (value && this._gatewayOwn && !this._gatewayAuthorized) {
+      setHeader.call(this, "Authorization", value);
+    }
+    return send.apply(this, args);
+  };
+  const fetchPlain = window.fetch.bind(window);
+  window.fetch = (input, init = {}) => {
+    const value = bearer();
+    const url = input instanceof Request ? input.url : String(input);
+    if (value && ours(url)) {
+      const given = init.headers || (input instanceof Request ? input.headers : undefined);
+      const headers = new Headers(given);
+      if (!headers.has("Authorization")) headers.set("Authorization", value);
+      init = { ...init, headers };
+    }
+    return fetchPlain(input, init);
+  };
+})();
+"""
+
+
+def app_config(
+    router_basename: str, sources: list[DataSource], *, credentials: bool = False
+) -> str:
     """OHIF's ``window.config`` for the gateway (docs/conformance.md, "OHIF viewer").
 
     The DICOMweb roots are completed in the browser with its own origin, so the
     viewer works under whatever host name or address it was opened with.
+    *credentials*: authentication is on; the viewer then sends the token it was
+    opened with (``/viewer/?token=...``) on every request to the gateway.
     """
     config = {
         "routerBasename": router_basename,
@@ -142,7 +211,7 @@ def app_config(router_basename: str, sources: list[DataSource]) -> str:
         "  const root = window.location.origin + source.configuration.qidoRoot;\n"
         "  const roots = { qidoRoot: root, wadoRoot: root, wadoUriRoot: root };\n"
         "  Object.assign(source.configuration, roots);\n"
-        "}\n"
+        "}\n" + (_CREDENTIALS_JS if credentials else "")
     )
 
 

@@ -41,7 +41,7 @@ def build_router(settings: Settings, dist: Path) -> APIRouter:
 
     @router.api_route(f"{MOUNT}/{APP_CONFIG}", methods=["GET", "HEAD"], include_in_schema=False)
     async def viewer_config(request: Request) -> Response:
-        config = app_config(prefix(request).rstrip("/"), sources)
+        config = app_config(prefix(request).rstrip("/"), sources, credentials=settings.auth_enabled)
         return Response(config, media_type=media_type(Path(APP_CONFIG)), headers=_NO_CACHE)
 
     @router.api_route(

@@ -26,11 +26,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import httpx
 import numpy as np
 import pytest
 from pydicom import dcmread
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from app.auth.keys import sha256_hash
+from app.config import ApiKey
 from app.viewer import default_viewer_dir
 from tests.gateway_server import GatewayServer, gateway_settings, local_node
 from tests.peers.orthanc import OrthancPeer
@@ -87,6 +90,7 @@ class Seen:
     path: str
     query: str
     status: int | None
+    authorization: bytes | None = None
 
 
 class RequestLog:
@@ -100,7 +104,14 @@ class RequestLog:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        entry = Seen(scope["method"], scope["path"], scope["query_string"].decode(), None)
+        headers = dict(scope["headers"])
+        entry = Seen(
+            scope["method"],
+            scope["path"],
+            scope["query_string"].decode(),
+            None,
+            headers.get(b"authorization"),
+        )
         self.seen.append(entry)
 
         async def record(message: Message) -> None:
@@ -111,18 +122,27 @@ class RequestLog:
         await self.app(scope, receive, record)
 
 
-@pytest.fixture(scope="module")
+# With authentication on, the viewer is opened with ?token=<this API key>.
+VIEWER_KEY = "dgw_viewer-test-key-0123456789"
+
+
+@pytest.fixture(scope="module", params=["open", "api-key"])
 def viewer_gateway(
+    request: pytest.FixtureRequest,
     orthanc_peer: OrthancPeer,
     gateway_storage_port: int,
     tmp_path_factory: pytest.TempPathFactory,
     ohif_dist: Path,
 ) -> Iterator[tuple[GatewayServer, list[Seen]]]:
+    auth: dict[str, Any] = {}
+    if request.param == "api-key":
+        auth["api_keys"] = [ApiKey(name="viewer", hash=sha256_hash(VIEWER_KEY), nodes=["*"])]
     settings = gateway_settings(
         tmp_path_factory.mktemp("gw-viewer"),
         local_node("orthanc", orthanc_peer.aet, orthanc_peer.dicom_port, default=True),
         storage_port=gateway_storage_port,
         viewer_dir=ohif_dist,
+        **auth,
     )
     seen: list[Seen] = []
     server = GatewayServer(settings)
@@ -197,6 +217,12 @@ def test_ohif_opens_a_generated_study_and_shows_its_pixels(
     from playwright.sync_api import Request, sync_playwright
 
     gw, seen = viewer_gateway
+    authenticated = gw.settings.auth_enabled
+    browser_started = len(seen)
+    if authenticated:
+        # Authentication is really on: the same search without the key is refused.
+        assert httpx.get(f"{gw.url}/dicomweb/studies", timeout=30).status_code == 401
+    browser_started = len(seen)
     expected = expected_slices(sample_files)
     failed: list[str] = []
 
@@ -238,9 +264,12 @@ def test_ohif_opens_a_generated_study_and_shows_its_pixels(
         page.on("requestfailed", on_failed)
         page.on("requestfinished", on_finished)
         try:
-            page.goto(f"{gw.url}/viewer/", timeout=left())
+            opened = f"{gw.url}/viewer/" + (f"?token={VIEWER_KEY}" if authenticated else "")
+            page.goto(opened, timeout=left())
             # OHIF's own notice; a person reads it and hides it.
             page.get_by_role("button", name="Confirm and hide").click(timeout=left())
+            # The key is kept by the tab, not left in the address bar and history.
+            assert "token=" not in page.url
             row = page.get_by_text(ACCESSION)
             row.wait_for(timeout=left())
             listed = page.inner_text("body")
@@ -283,7 +312,7 @@ def test_ohif_opens_a_generated_study_and_shows_its_pixels(
         f"(expected slice 1, r > 0.95; screenshots in {tmp_path})"
     )
 
-    study_paths = [s for s in seen if "/dicomweb/" in s.path]
+    study_paths = [s for s in seen[browser_started:] if "/dicomweb/" in s.path]
     metadata = [s for s in study_paths if s.path.endswith("/metadata")]
     frames = [s for s in study_paths if "/frames/" in s.path]
     assert any(s.path.endswith("/dicomweb/studies") for s in study_paths)
@@ -291,3 +320,8 @@ def test_ohif_opens_a_generated_study_and_shows_its_pixels(
     # Frames still on their way when the browser closed have no status.
     assert any(s.status == 200 for s in frames)
     assert all(s.status in (200, None) for s in frames), [s for s in frames if s.status != 200]
+    if authenticated:
+        bearer = f"Bearer {VIEWER_KEY}".encode()
+        assert all(s.authorization == bearer for s in study_paths), [
+            (s.path, s.authorization) for s in study_paths if s.authorization != bearer
+        ]
