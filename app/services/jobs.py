@@ -30,7 +30,8 @@ from pathlib import Path
 
 from app.cache import CachedInstance
 from app.config import PacsNode
-from app.convert.nifti import SeriesPart, Volume, build_part, split_series, to_nifti
+from app.convert.intake import SeriesIntake
+from app.convert.nifti import SeriesPart, Volume, build_part, to_nifti
 from app.errors import (
     GatewayError,
     InvalidRequest,
@@ -40,6 +41,7 @@ from app.errors import (
     TooManyJobs,
 )
 from app.runtime import Gateway
+from app.services.nifti import IntakeFeeder
 from app.services.retrieve import Fetch, Target, incomplete_message
 from app.services.studies import series_of_study
 
@@ -264,11 +266,20 @@ class JobManager:
             async with self._slots:
                 job.state, job.started = JobState.RUNNING, time.time()
                 job.record()
-                instances = await self._retrieve(job, node)
-                if job.nifti:
+                # A NIfTI job reads each file as it arrives (app/services/nifti.py).
+                feeder = IntakeFeeder(SeriesIntake()) if job.nifti else None
+                try:
+                    await self._retrieve(job, node, feeder)
+                    if feeder is not None:
+                        await feeder.finish()
+                except BaseException:
+                    if feeder is not None:
+                        feeder.cancel()
+                    raise
+                if feeder is not None:
                     job.phase = JobPhase.CONVERT
                     job.record()
-                    await self._convert(job, instances)
+                    await self._convert(job, feeder.intake)
                 job.state = JobState.DONE
         except asyncio.CancelledError:
             job.state = JobState.CANCELLED
@@ -293,7 +304,9 @@ class JobManager:
                 f": {job.error.message}" if job.error else "",
             )
 
-    async def _retrieve(self, job: Job, node: PacsNode) -> list[CachedInstance]:
+    async def _retrieve(
+        self, job: Job, node: PacsNode, feeder: IntakeFeeder | None
+    ) -> list[CachedInstance]:
         retriever = self.gateway.retriever
         source: list[CachedInstance] | Fetch
         if job.series is not None:
@@ -305,8 +318,11 @@ class JobManager:
             n = len(source)
             job.progress = Progress(remaining=0, completed=n, received=n)
             job.record()
+            if feeder is not None:
+                for inst in source:
+                    feeder.push(inst.path)
             return source
-        return await self._follow(job, node, source)
+        return await self._follow(job, node, source, feeder)
 
     async def _study_source(self, job: Job, node: PacsNode) -> list[CachedInstance] | Fetch:
         """The whole study from the cache, or one study-level retrieve: its counts
@@ -322,13 +338,20 @@ class JobManager:
             cached.extend(found)
         return cached
 
-    async def _follow(self, job: Job, node: PacsNode, fetch: Fetch) -> list[CachedInstance]:
+    async def _follow(
+        self, job: Job, node: PacsNode, fetch: Fetch, feeder: IntakeFeeder | None
+    ) -> list[CachedInstance]:
         retriever = self.gateway.retriever
         fetch.subscribers += 1
+        fed = 0
         try:
             while True:
                 job.progress = _progress_of(fetch)
                 job.record()
+                if feeder is not None:
+                    for inst in fetch.arrived[fed:]:
+                        feeder.push(inst.path)
+                    fed = len(fetch.arrived)
                 if fetch.done:
                     break
                 await fetch.changed()
@@ -351,8 +374,8 @@ class JobManager:
             raise NotFound(f"{what} delivered no instances ({incomplete_message(fetch)})")
         return list(fetch.arrived)
 
-    async def _convert(self, job: Job, instances: list[CachedInstance]) -> None:
-        parts = await asyncio.to_thread(split_series, [i.path for i in instances])
+    async def _convert(self, job: Job, intake: SeriesIntake) -> None:
+        parts = await asyncio.to_thread(intake.parts)
         chosen = _choose(job, parts)
         volume = await asyncio.to_thread(build_part, chosen)
         job.resampled = volume.resampled or None

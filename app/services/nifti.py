@@ -20,10 +20,10 @@ from app.convert.intake import SeriesIntake
 from app.errors import RetrieveIncomplete
 from app.services.retrieve import Delivery, Retriever
 
-__all__ = ["receive_series"]
+__all__ = ["IntakeFeeder", "receive_series"]
 
 
-class _Reader:
+class IntakeFeeder:
     """Feeds paths to an intake off the event loop, in order, one batch at a time."""
 
     def __init__(self, intake: SeriesIntake) -> None:
@@ -76,7 +76,7 @@ async def receive_series(
     delivery = Delivery(retriever, node, study, [series])
     warning = await delivery.prepare()
     intake = SeriesIntake()
-    reader = _Reader(intake)
+    reader = IntakeFeeder(intake)
     try:
         async for instance in delivery:
             reader.push(instance.path)
