@@ -453,7 +453,9 @@ def _apply_control(query: QidoQuery, low: str, name: str, value: str) -> None:
     elif low == "fuzzymatching":
         query.fuzzymatching = _bool(name, value)
     elif low == "limit":
-        query.limit = _non_negative(name, value)
+        # 0 asks for no limit, as Orthanc's plugin reads it; PS3.18 gives 0 no meaning
+        # of its own, and an always-empty answer would help no client.
+        query.limit = _non_negative(name, value) or None
     elif low == "offset":
         query.offset = _non_negative(name, value)
     elif low in ("emptyvaluematching", "multiplevaluematching") and _bool(name, value):

@@ -245,6 +245,17 @@ def test_limit_and_offset_page_stably(gateway: GatewayServer) -> None:
     assert paged == uids
 
 
+def test_limit_zero_means_no_limit_as_in_orthanc(
+    gateway: GatewayServer, orthanc_peer: OrthancPeer
+) -> None:
+    ours, theirs = both(gateway, orthanc_peer, "/studies", [("limit", "0")])
+    everything = _json(_get(f"{gateway.dicomweb}/studies"))
+    assert len(everything) > 1
+    uids = sorted(o[STUDY_UID]["Value"][0] for o in _json(ours))
+    assert uids == sorted(o[STUDY_UID]["Value"][0] for o in everything)
+    assert uids == sorted(o[STUDY_UID]["Value"][0] for o in _json(theirs))
+
+
 def test_bad_parameter_is_400_naming_it(gateway: GatewayServer) -> None:
     resp = _get(f"{gateway.dicomweb}/studies", [("StudyDate", "2024-13-45")])
     assert resp.status_code == 400

@@ -123,6 +123,10 @@ def test_path_uid_is_a_match_and_checked() -> None:
         parse_qido(Level.SERIES, [], path_uids={STUDY_UID: "../../etc"})
 
 
+def test_limit_zero_is_no_limit() -> None:
+    assert parse_qido(Level.STUDY, [("limit", "0")]).limit is None
+
+
 def test_limit_offset_fuzzy() -> None:
     q = parse_qido(Level.STUDY, [("limit", "10"), ("offset", "5"), ("fuzzymatching", "true")])
     assert (q.limit, q.offset, q.fuzzymatching) == (10, 5, True)
