@@ -21,9 +21,9 @@ from app.cache import CachedInstance
 from app.config import PacsNode
 from app.dicomweb import instances as dicom_files
 from app.dicomweb import multipart
-from app.dicomweb.accept import Negotiated, ResourceKind, negotiate
+from app.dicomweb.accept import COMPRESSED_FRAME_TYPES, Negotiated, ResourceKind, negotiate
 from app.dicomweb.query import check_uid
-from app.errors import GatewayError, InvalidRequest, NotFound
+from app.errors import GatewayError, InvalidRequest, NotAcceptable, NotFound
 from app.runtime import Gateway
 from app.services.metadata import MetadataStore
 from app.services.retrieve import Delivery
@@ -463,7 +463,8 @@ def frame_numbers(text: str) -> list[int]:
 def _octet_response(
     parts: list[bytes], locations: list[str], ts: str | None, negotiated: Negotiated
 ) -> Response:
-    part_type = "application/octet-stream"
+    bare = negotiated.part_type
+    part_type = bare
     if ts:
         part_type += f"; transfer-syntax={ts}"
     if not negotiated.multipart and len(parts) == 1:
@@ -477,9 +478,21 @@ def _octet_response(
             multipart.part_trailer(),
         ]
     chunks.append(multipart.closing(boundary))
-    return Response(
-        b"".join(chunks), media_type=multipart.content_type(boundary, "application/octet-stream")
-    )
+    return Response(b"".join(chunks), media_type=multipart.content_type(boundary, bare))
+
+
+def _check_compressed(
+    inst: CachedInstance, media_type: str, family: tuple[str, ...], asked: str | None
+) -> None:
+    """Frames in a compressed media type are sent as stored: the stored syntax must fit."""
+    allowed = family if asked in (None, "*") else (asked,)
+    if inst.transfer_syntax not in allowed:
+        raise NotAcceptable(
+            f"{media_type} frames are sent as stored, and this instance is stored in "
+            f"{inst.transfer_syntax}, not in {' or '.join(allowed)}; ask for "
+            'multipart/related; type="application/octet-stream" (uncompressed, or '
+            "transfer-syntax=* for the stored codestream)"
+        )
 
 
 @router.get(
@@ -497,13 +510,17 @@ async def retrieve_frames(
 ) -> Response:
     """Pixel data of the listed frames (1-based, comma-separated) as `multipart/related;
     type="application/octet-stream"`: uncompressed little-endian bytes by default, the stored
-    codestream with `transfer-syntax=*`. One frame may be asked for single-part. A frame beyond
-    NumberOfFrames is 404."""
+    codestream with `transfer-syntax=*`. `type="image/jpeg"` (jls, jp2, jpx, jphc, dicom-rle)
+    sends the stored codestream of an instance stored in that compression (406 otherwise). One
+    frame may be asked for single-part. A frame beyond NumberOfFrames is 404."""
     for name, uid in (("study", study), ("series", series), ("instance", instance)):
         check_uid(name, uid)
     numbers = frame_numbers(frames)
     negotiated = _negotiate(request, ResourceKind.FRAMES, single=len(numbers) == 1)
     inst = await gateway.retriever.instance(node, study, series, instance)
+    family = COMPRESSED_FRAME_TYPES.get(negotiated.part_type)
+    if family is not None:
+        _check_compressed(inst, negotiated.part_type, family, negotiated.transfer_syntax)
 
     def cut() -> tuple[list[bytes], str]:
         info = dicom_files.pixel_data_info(inst.path)

@@ -36,15 +36,22 @@ METADATA   ``application/dicom+json``, ``application/json``     none
 SEARCH     (as METADATA)
 FRAMES     ``multipart/related; type="application/octet-stream"``  default EVRLE, ``*``
            ``application/octet-stream`` (only with ``single=True``)
+           ``multipart/related; type="image/jpeg"`` (and jls, jp2,  as stored, see below
+           jpx, jphc, dicom-rle; single-part with ``single=True``)
 BULKDATA   ``multipart/related; type="application/octet-stream"``  default EVRLE, ``*``
            ``application/octet-stream``
 RENDERED   ``image/jpeg`` (default), ``image/png``, ``image/gif``  none
            (``negotiate_rendered``)
 =========  ===================================================  ===================
 
+Frames in a compressed media type (Table 8.7.3-5) are the stored codestream:
+the gateway does not compress.  Without a ``transfer-syntax`` parameter the
+choice is recorded as ``"*"`` and any stored syntax of that media type will
+do; with one, it must be the stored syntax.  The route checks the instance.
+
 Not offered (yet), hence 406 unless something else asked for is offered:
 ``multipart/related; type="application/dicom+xml"`` for metadata, the
-``image/*`` and ``video/*`` types for frames and bulk data (Table 8.7.3-5), and
+``video/*`` types and compressed types for bulk data, and
 ``multipart/related; type="application/octet-stream"`` for whole instances.
 """
 
@@ -66,6 +73,26 @@ ANY_TRANSFER_SYNTAX = "*"
 _FORBIDDEN_SYNTAXES = {
     IMPLICIT_VR_LITTLE_ENDIAN: "Implicit VR Little Endian",
     EXPLICIT_VR_BIG_ENDIAN: "Explicit VR Big Endian",
+}
+
+# PS3.18 Table 8.7.3-5: the media types of compressed pixel data, and the
+# transfer syntaxes each may carry (the first is the type's default).
+COMPRESSED_FRAME_TYPES: dict[str, tuple[str, ...]] = {
+    "image/jpeg": (
+        "1.2.840.10008.1.2.4.50",
+        "1.2.840.10008.1.2.4.51",
+        "1.2.840.10008.1.2.4.57",
+        "1.2.840.10008.1.2.4.70",
+    ),
+    "image/dicom-rle": ("1.2.840.10008.1.2.5",),
+    "image/jls": ("1.2.840.10008.1.2.4.80", "1.2.840.10008.1.2.4.81"),
+    "image/jp2": ("1.2.840.10008.1.2.4.90", "1.2.840.10008.1.2.4.91"),
+    "image/jpx": ("1.2.840.10008.1.2.4.92", "1.2.840.10008.1.2.4.93"),
+    "image/jphc": (
+        "1.2.840.10008.1.2.4.201",
+        "1.2.840.10008.1.2.4.202",
+        "1.2.840.10008.1.2.4.203",
+    ),
 }
 
 _DICOM = "application/dicom"
@@ -221,6 +248,11 @@ def _offers(resource: ResourceKind, single: bool) -> list[str]:
     offers = [f"{_multipart(part)} with {syntaxes}"]
     if single or resource is ResourceKind.BULKDATA:
         offers.append(f"{part} with {syntaxes}")
+    if resource is ResourceKind.FRAMES:
+        offers.append(
+            f"{_multipart('image/jpeg')} (or {', '.join(list(COMPRESSED_FRAME_TYPES)[1:])}) "
+            "for frames stored in that compression"
+        )
     return offers
 
 
@@ -244,6 +276,10 @@ def _match(
         # A multipart range without a type parameter stands for the resource's
         # own part type, as Orthanc and dcm4chee read it.
         asked_part = _first(rng, "type") or part
+        if resource is ResourceKind.FRAMES and asked_part.lower() in COMPRESSED_FRAME_TYPES:
+            image = asked_part.lower()
+            syntax = _compressed_syntax(rng, image, reasons)
+            return None if syntax is None else Negotiated(_multipart(image), image, syntax)
         if not _type_matches(asked_part, part):
             reasons.append(f"part type {asked_part} is not offered")
             return None
@@ -257,9 +293,30 @@ def _match(
             return None
         syntax = _transfer_syntax(rng, reasons)
         return None if syntax is None else Negotiated(part, part, syntax)
+    if resource is ResourceKind.FRAMES and rng.type in COMPRESSED_FRAME_TYPES:
+        if not single:
+            reasons.append(f"single-part {rng.type} needs a single frame")
+            return None
+        syntax = _compressed_syntax(rng, rng.type, reasons)
+        return None if syntax is None else Negotiated(rng.type, rng.type, syntax)
     if rng.type.startswith(("image/", "video/")):
         reasons.append(f"{rng.type} is not offered")
     return None
+
+
+def _compressed_syntax(rng: _Range, media_type: str, reasons: list[str]) -> str | None:
+    """``"*"`` (any stored syntax of *media_type*), the one asked for, or None."""
+    values = [v.strip() for v in rng.params.get("transfer-syntax", []) if v.strip()]
+    family = COMPRESSED_FRAME_TYPES[media_type]
+    if not values or ANY_TRANSFER_SYNTAX in values:
+        return ANY_TRANSFER_SYNTAX
+    fitting = [v for v in values if v in family]
+    if not fitting:
+        reasons.append(
+            f"transfer syntax {values[0]} is not one of {media_type} ({', '.join(family)})"
+        )
+        return None
+    return fitting[0]
 
 
 def _transfer_syntax(rng: _Range, reasons: list[str]) -> str | None:

@@ -17,8 +17,10 @@ import numpy as np
 import pytest
 from pydicom import dcmread
 from pydicom.dataset import Dataset
+from pydicom.encaps import generate_fragmented_frames
 from pydicom.filebase import DicomBytesIO
 
+from app.dicomweb.accept import COMPRESSED_FRAME_TYPES
 from app.runtime import Gateway
 from tests.gateway_server import GatewayServer, gateway_settings, local_node
 from tests.integration.conftest import GATEWAY_AE
@@ -305,6 +307,89 @@ def test_frames_single_and_multi_frame(
         timeout=60,
     )
     assert out_of_range.status_code == 404
+
+
+def test_frames_in_their_compressed_media_type_are_the_stored_codestream(
+    gateway: GatewayServer, orthanc_peer: OrthancPeer
+) -> None:
+    from dicomweb_client.api import DICOMwebClient
+
+    media_of = {ts: media for media, family in COMPRESSED_FRAME_TYPES.items() for ts in family}
+    compressed = [i for i in orthanc_peer.loaded.values() if i.transfer_syntax_uid in media_of]
+    # dcm_qa_ts: RLE, two JPEG lossless, two JPEG-LS, JPEG 2000.
+    assert {media_of[i.transfer_syntax_uid] for i in compressed} >= {
+        "image/jpeg",
+        "image/jls",
+        "image/jp2",
+        "image/dicom-rle",
+    }
+    for info in compressed:
+        media = media_of[info.transfer_syntax_uid]
+        frame_url = url(
+            gateway,
+            info.study_instance_uid,
+            "series",
+            info.series_instance_uid,
+            "instances",
+            info.sop_instance_uid,
+            "frames",
+            "1",
+        )
+        stored = httpx.get(
+            frame_url,
+            headers={
+                "Accept": "multipart/related; type=application/octet-stream; transfer-syntax=*"
+            },
+            timeout=60,
+        )
+        [(_, codestream)] = parse_multipart(stored)
+        resp = httpx.get(
+            frame_url, headers={"Accept": f'multipart/related; type="{media}"'}, timeout=60
+        )
+        assert resp.status_code == 200, (info.path.name, resp.text)
+        assert resp.headers["content-type"].startswith(f'multipart/related; type="{media}"')
+        [(headers, data)] = parse_multipart(resp)
+        assert headers["Content-Type"] == f"{media}; transfer-syntax={info.transfer_syntax_uid}"
+        assert data == codestream and len(data) > 0
+        single = httpx.get(frame_url, headers={"Accept": media}, timeout=60)
+        assert single.status_code == 200 and single.content == codestream
+
+    # An instance stored in another compression, or uncompressed, is not converted: 406.
+    jpeg_ls = next(i for i in compressed if media_of[i.transfer_syntax_uid] == "image/jls")
+    evrle = next(
+        i for i in orthanc_peer.loaded.values() if i.transfer_syntax_uid == "1.2.840.10008.1.2.1"
+    )
+    for info in (jpeg_ls, evrle):
+        refused = httpx.get(
+            url(
+                gateway,
+                info.study_instance_uid,
+                "series",
+                info.series_instance_uid,
+                "instances",
+                info.sop_instance_uid,
+                "frames",
+                "1",
+            ),
+            headers={"Accept": 'multipart/related; type="image/jpeg"'},
+            timeout=60,
+        )
+        assert refused.status_code == 406, refused.text
+        assert "sent as stored" in refused.json()["message"]
+
+    # dicomweb-client asking for JPEG lossless frames by media type and syntax.
+    lossless = next(i for i in compressed if i.transfer_syntax_uid == "1.2.840.10008.1.2.4.70")
+    client = DICOMwebClient(url=gateway.dicomweb)
+    frames = client.retrieve_instance_frames(
+        lossless.study_instance_uid,
+        lossless.series_instance_uid,
+        lossless.sop_instance_uid,
+        frame_numbers=[1],
+        media_types=(("image/jpeg", "1.2.840.10008.1.2.4.70"),),
+    )
+    src = dcmread(lossless.path)
+    expected = b"".join(next(generate_fragmented_frames(src.PixelData)))
+    assert frames[0] == expected
 
 
 def test_dicomweb_client_retrieves(gateway: GatewayServer, orthanc_peer: OrthancPeer) -> None:

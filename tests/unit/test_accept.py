@@ -100,10 +100,38 @@ def test_real_client_headers(
     assert negotiate(resource, header, []) == expected, client
 
 
-def test_ohif_with_a_configured_compressed_syntax_is_not_acceptable_for_now() -> None:
+def test_ohif_with_a_configured_compressed_syntax_gets_that_media_type() -> None:
     # OHIF's requestTransferSyntaxUID maps JPEG-LS to type=image/jls (Table 8.7.3-5).
-    with pytest.raises(NotAcceptable, match="image/jls is not offered"):
-        negotiate(FRAMES, f"multipart/related; type=image/jls; transfer-syntax={JPEG_LS}", [])
+    got = negotiate(FRAMES, f"multipart/related; type=image/jls; transfer-syntax={JPEG_LS}", [])
+    assert got == Negotiated('multipart/related; type="image/jls"', "image/jls", JPEG_LS)
+
+
+@pytest.mark.parametrize(
+    "image", ["image/jpeg", "image/jls", "image/jp2", "image/jpx", "image/jphc", "image/dicom-rle"]
+)
+def test_compressed_frame_types_without_a_syntax_take_any_stored_one(image: str) -> None:
+    got = negotiate(FRAMES, f'multipart/related; type="{image}"', [])
+    assert got == Negotiated(f'multipart/related; type="{image}"', image, "*")
+    assert negotiate(FRAMES, image, [], single=True) == Negotiated(image, image, "*")
+
+
+def test_a_compressed_frame_type_with_a_syntax_of_another_type_is_not_acceptable() -> None:
+    with pytest.raises(NotAcceptable, match="is not one of image/jpeg"):
+        negotiate(FRAMES, f"multipart/related; type=image/jpeg; transfer-syntax={JPEG_LS}", [])
+    # ... unless a lower-q alternative can be served.
+    got = negotiate(
+        FRAMES,
+        f"multipart/related; type=image/jpeg; transfer-syntax={JPEG_LS}, {MULTIPART_OCTETS};q=0.5",
+        [],
+    )
+    assert got.part_type == "application/octet-stream"
+
+
+def test_compressed_frame_types_are_for_frames_only() -> None:
+    with pytest.raises(NotAcceptable):
+        negotiate(INSTANCES, 'multipart/related; type="image/jpeg"', [])
+    with pytest.raises(NotAcceptable):
+        negotiate(BULKDATA, "image/jpeg", [])
 
 
 def test_single_part_octet_stream_for_one_frame_or_bulk_data() -> None:
@@ -173,10 +201,12 @@ def test_query_parameter_overrides_the_header() -> None:
 
 
 def test_query_parameter_repeated_and_comma_lists() -> None:
-    params = ["image/jpeg", f"multipart/related; type=image/jls; transfer-syntax={JPEG_LS},"]
+    params = ["image/png", "multipart/related; type=video/mp4, image/gif,"]
     params.append("multipart/related; type=application/octet-stream")
 
     assert negotiate(FRAMES, None, params) == octets(EVRLE)
+    params.insert(1, f"multipart/related; type=image/jls; transfer-syntax={JPEG_LS}")
+    assert negotiate(FRAMES, None, params).part_type == "image/jls"
 
 
 def test_empty_query_parameter_leaves_the_header_in_force() -> None:
@@ -294,10 +324,12 @@ def test_metadata_as_multipart_xml_is_not_acceptable() -> None:
         negotiate(METADATA, 'multipart/related; type="application/dicom+xml"', [])
 
 
-def test_frames_as_images_are_not_acceptable() -> None:
-    for header in ["image/jpeg", "image/jls", "image/jp2", "video/mp4", "image/*"]:
+def test_frames_as_other_images_or_video_are_not_acceptable() -> None:
+    for header in ["image/png", "video/mp4", "image/*"]:
         with pytest.raises(NotAcceptable, match="is not offered"):
-            negotiate(FRAMES, header, [])
+            negotiate(FRAMES, header, [], single=True)
+    with pytest.raises(NotAcceptable, match="needs a single frame"):
+        negotiate(FRAMES, "image/jpeg", [])
 
 
 def test_instances_as_bulk_data_are_not_acceptable() -> None:
