@@ -309,6 +309,19 @@ def test_frames_single_and_multi_frame(
     assert out_of_range.status_code == 404
 
 
+def first_frame_url(gw: GatewayServer, info: InstanceInfo) -> str:
+    return url(
+        gw,
+        info.study_instance_uid,
+        "series",
+        info.series_instance_uid,
+        "instances",
+        info.sop_instance_uid,
+        "frames",
+        "1",
+    )
+
+
 def test_frames_in_their_compressed_media_type_are_the_stored_codestream(
     gateway: GatewayServer, orthanc_peer: OrthancPeer
 ) -> None:
@@ -325,16 +338,7 @@ def test_frames_in_their_compressed_media_type_are_the_stored_codestream(
     }
     for info in compressed:
         media = media_of[info.transfer_syntax_uid]
-        frame_url = url(
-            gateway,
-            info.study_instance_uid,
-            "series",
-            info.series_instance_uid,
-            "instances",
-            info.sop_instance_uid,
-            "frames",
-            "1",
-        )
+        frame_url = first_frame_url(gateway, info)
         stored = httpx.get(
             frame_url,
             headers={
@@ -361,16 +365,7 @@ def test_frames_in_their_compressed_media_type_are_the_stored_codestream(
     )
     for info in (jpeg_ls, evrle):
         refused = httpx.get(
-            url(
-                gateway,
-                info.study_instance_uid,
-                "series",
-                info.series_instance_uid,
-                "instances",
-                info.sop_instance_uid,
-                "frames",
-                "1",
-            ),
+            first_frame_url(gateway, info),
             headers={"Accept": 'multipart/related; type="image/jpeg"'},
             timeout=60,
         )
