@@ -3,7 +3,7 @@ native DIMSE ceiling and against Orthanc's own WADO-RS; peak memory of a 1 GB st
 
 Run from the repository root::
 
-    .venv/bin/python -m bench.retrieve            # 5 interleaved rounds
+    .venv/bin/python -m bench.retrieve            # 9 interleaved rounds
     .venv/bin/python -m bench.retrieve --quick    # 2 rounds
     .venv/bin/python -m bench.retrieve --profile  # also py-spy the gateway (see below)
 
@@ -1115,8 +1115,12 @@ def render_saved(path: Path, *, write: bool) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="2 rounds instead of 5")
-    parser.add_argument("--rounds", type=int, help="interleaved rounds (default 5, --quick 2)")
+    parser.add_argument("--quick", action="store_true", help="2 rounds instead of 9")
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        help="interleaved rounds (default 9, --quick 2)",
+    )
     parser.add_argument(
         "--profile", action="store_true", help="py-spy the gateway on cold and warm runs"
     )
@@ -1145,7 +1149,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.render_json:
         return render_saved(args.render_json, write=not args.no_doc)
     if args.rounds is None:
-        args.rounds = 2 if args.quick else 5
+        args.rounds = 2 if args.quick else 9
     if args.rounds < 1:
         parser.error("--rounds must be at least 1")
     started = _dt.datetime.now(_dt.UTC)
