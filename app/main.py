@@ -97,6 +97,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         summary="DICOMweb (QIDO-RS, WADO-RS) in front of DIMSE-only PACS",
         description=DESCRIPTION,
         lifespan=lifespan,
+        # Served by openapi.install_docs without a CDN.
+        docs_url=None,
+        redoc_url=None,
     )
     app.state.settings = settings
     app.state.metrics = registry
@@ -107,6 +110,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.authenticator = Authenticator(settings)
     errors.install(app)
     openapi.install(app)
+    openapi.install_docs(app)
     # Innermost first: ignored query parameters become Warnings (sharing the
     # router's scope), HEAD runs as GET below the rest (which see it as HEAD),
     # the audit sees the route and every answer, CORS decorates them all, and
