@@ -21,9 +21,9 @@ from app.cache import CachedInstance
 from app.config import PacsNode
 from app.dicomweb import instances as dicom_files
 from app.dicomweb import multipart
-from app.dicomweb.accept import COMPRESSED_FRAME_TYPES, Negotiated, ResourceKind, negotiate
+from app.dicomweb.accept import Negotiated, ResourceKind, negotiate
 from app.dicomweb.query import check_uid
-from app.errors import GatewayError, InvalidRequest, NotAcceptable, NotFound
+from app.errors import GatewayError, InvalidRequest, NotFound
 from app.runtime import Gateway
 from app.services.metadata import MetadataStore
 from app.services.retrieve import Delivery
@@ -40,9 +40,17 @@ DICOM_JSON = "application/dicom+json"
 SERVICE = "dimse-gateway"
 
 
-def _negotiate(request: Request, kind: ResourceKind, *, single: bool = False) -> Negotiated:
+def _negotiate(
+    request: Request, kind: ResourceKind, *, single: bool = False, stored_syntax: str | None = None
+) -> Negotiated:
     accept = request.headers.get("accept")
-    return negotiate(kind, accept, request.query_params.getlist("accept"), single=single)
+    return negotiate(
+        kind,
+        accept,
+        request.query_params.getlist("accept"),
+        single=single,
+        stored_syntax=stored_syntax,
+    )
 
 
 def _base(request: Request) -> str:
@@ -481,20 +489,6 @@ def _octet_response(
     return Response(b"".join(chunks), media_type=multipart.content_type(boundary, bare))
 
 
-def _check_compressed(
-    inst: CachedInstance, media_type: str, family: tuple[str, ...], asked: str | None
-) -> None:
-    """Frames in a compressed media type are sent as stored: the stored syntax must fit."""
-    allowed = family if asked in (None, "*") else (asked,)
-    if inst.transfer_syntax not in allowed:
-        raise NotAcceptable(
-            f"{media_type} frames are sent as stored, and this instance is stored in "
-            f"{inst.transfer_syntax}, not in {' or '.join(allowed)}; ask for "
-            'multipart/related; type="application/octet-stream" (uncompressed, or '
-            "transfer-syntax=* for the stored codestream)"
-        )
-
-
 @router.get(
     "/studies/{study}/series/{series}/instances/{instance}/frames/{frames}",
     summary="Retrieve frames of an instance",
@@ -516,11 +510,13 @@ async def retrieve_frames(
     for name, uid in (("study", study), ("series", series), ("instance", instance)):
         check_uid(name, uid)
     numbers = frame_numbers(frames)
-    negotiated = _negotiate(request, ResourceKind.FRAMES, single=len(numbers) == 1)
+    single = len(numbers) == 1
+    # Checked before any retrieve, then chosen for the instance as stored.
+    _negotiate(request, ResourceKind.FRAMES, single=single)
     inst = await gateway.retriever.instance(node, study, series, instance)
-    family = COMPRESSED_FRAME_TYPES.get(negotiated.part_type)
-    if family is not None:
-        _check_compressed(inst, negotiated.part_type, family, negotiated.transfer_syntax)
+    negotiated = _negotiate(
+        request, ResourceKind.FRAMES, single=single, stored_syntax=inst.transfer_syntax
+    )
 
     def cut() -> tuple[list[bytes], str]:
         info = dicom_files.pixel_data_info(inst.path)

@@ -152,6 +152,7 @@ def negotiate(
     accept_params: Sequence[str],
     *,
     single: bool = False,
+    stored_syntax: str | None = None,
 ) -> Negotiated:
     """Choose the response representation for *resource* (PS3.18 §8.7.8).
 
@@ -160,6 +161,8 @@ def negotiate(
     the response holds exactly one item (one instance, one frame), which allows
     the single-part types ``application/dicom`` and ``application/octet-stream``
     (Table 10.4.4-1 note 3; single-part bulk data is always allowed).
+    *stored_syntax*, once the instance is known: compressed frame types the
+    instance is not stored in are passed over for the client's next choice.
 
     Raises ``InvalidRequest`` for a malformed media range or q-value, and
     ``NotAcceptable`` when nothing asked for is offered.
@@ -176,7 +179,7 @@ def negotiate(
     reasons: list[str] = []
     # sorted() is stable: equal q-values keep the client's order.
     for rng in sorted((r for r in ranges if r.q > 0), key=lambda r: -r.q):
-        chosen = _match(resource, rng, single, reasons)
+        chosen = _match(resource, rng, single, reasons, stored_syntax)
         if chosen is not None and (chosen.media_type, chosen.part_type) not in excluded:
             return chosen
     asked = ", ".join(r.text for r in ranges)
@@ -257,7 +260,11 @@ def _offers(resource: ResourceKind, single: bool) -> list[str]:
 
 
 def _match(
-    resource: ResourceKind, rng: _Range, single: bool, reasons: list[str]
+    resource: ResourceKind,
+    rng: _Range,
+    single: bool,
+    reasons: list[str],
+    stored_syntax: str | None = None,
 ) -> Negotiated | None:
     """The offer *rng* selects, or None (with the reason appended when it is not obvious)."""
     if rng.type == "*/*":
@@ -278,7 +285,7 @@ def _match(
         asked_part = _first(rng, "type") or part
         if resource is ResourceKind.FRAMES and asked_part.lower() in COMPRESSED_FRAME_TYPES:
             image = asked_part.lower()
-            syntax = _compressed_syntax(rng, image, reasons)
+            syntax = _compressed_syntax(rng, image, reasons, stored_syntax)
             return None if syntax is None else Negotiated(_multipart(image), image, syntax)
         if not _type_matches(asked_part, part):
             reasons.append(f"part type {asked_part} is not offered")
@@ -297,26 +304,41 @@ def _match(
         if not single:
             reasons.append(f"single-part {rng.type} needs a single frame")
             return None
-        syntax = _compressed_syntax(rng, rng.type, reasons)
+        syntax = _compressed_syntax(rng, rng.type, reasons, stored_syntax)
         return None if syntax is None else Negotiated(rng.type, rng.type, syntax)
     if rng.type.startswith(("image/", "video/")):
         reasons.append(f"{rng.type} is not offered")
     return None
 
 
-def _compressed_syntax(rng: _Range, media_type: str, reasons: list[str]) -> str | None:
-    """``"*"`` (any stored syntax of *media_type*), the one asked for, or None."""
+def _compressed_syntax(
+    rng: _Range, media_type: str, reasons: list[str], stored: str | None
+) -> str | None:
+    """``"*"`` (any stored syntax of *media_type*), the one asked for, or None.
+
+    With *stored* known, None unless the instance is stored in what was asked:
+    the gateway sends compressed frames as stored, it does not compress.
+    """
     values = [v.strip() for v in rng.params.get("transfer-syntax", []) if v.strip()]
     family = COMPRESSED_FRAME_TYPES[media_type]
     if not values or ANY_TRANSFER_SYNTAX in values:
-        return ANY_TRANSFER_SYNTAX
-    fitting = [v for v in values if v in family]
-    if not fitting:
+        syntax = ANY_TRANSFER_SYNTAX
+    else:
+        fitting = [v for v in values if v in family]
+        if not fitting:
+            reasons.append(
+                f"transfer syntax {values[0]} is not one of {media_type} ({', '.join(family)})"
+            )
+            return None
+        syntax = fitting[0]
+    allowed = family if syntax == ANY_TRANSFER_SYNTAX else (syntax,)
+    if stored is not None and stored not in allowed:
         reasons.append(
-            f"transfer syntax {values[0]} is not one of {media_type} ({', '.join(family)})"
+            f"{media_type} frames are sent as stored, and this instance is stored in "
+            f"{stored}, not in {' or '.join(allowed)}"
         )
         return None
-    return fitting[0]
+    return syntax
 
 
 def _transfer_syntax(rng: _Range, reasons: list[str]) -> str | None:

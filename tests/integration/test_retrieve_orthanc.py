@@ -371,6 +371,18 @@ def test_frames_in_their_compressed_media_type_are_the_stored_codestream(
         )
         assert refused.status_code == 406, refused.text
         assert "sent as stored" in refused.json()["message"]
+        # A client that also takes uncompressed frames gets them.
+        either = httpx.get(
+            first_frame_url(gateway, info),
+            headers={
+                "Accept": 'multipart/related; type="image/jpeg", '
+                'multipart/related; type="application/octet-stream"'
+            },
+            timeout=60,
+        )
+        assert either.status_code == 200, either.text
+        [(headers, _)] = parse_multipart(either)
+        assert headers["Content-Type"].startswith("application/octet-stream")
 
     # dicomweb-client asking for JPEG lossless frames by media type and syntax.
     lossless = next(i for i in compressed if i.transfer_syntax_uid == "1.2.840.10008.1.2.4.70")

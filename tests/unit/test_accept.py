@@ -127,6 +127,21 @@ def test_a_compressed_frame_type_with_a_syntax_of_another_type_is_not_acceptable
     assert got.part_type == "application/octet-stream"
 
 
+def test_with_the_stored_syntax_known_a_compressed_type_it_is_not_stored_in_is_passed_over() -> (
+    None
+):
+    both = f'multipart/related; type="image/jpeg", {MULTIPART_OCTETS}'
+    jpeg_lossless = "1.2.840.10008.1.2.4.70"
+    assert negotiate(FRAMES, both, [], stored_syntax=jpeg_lossless).part_type == "image/jpeg"
+    assert negotiate(FRAMES, both, [], stored_syntax=EVRLE) == octets(EVRLE)
+    assert negotiate(FRAMES, both, [], stored_syntax=JPEG_LS) == octets(EVRLE)
+    with pytest.raises(NotAcceptable, match="sent as stored, and this instance is stored in"):
+        negotiate(FRAMES, 'multipart/related; type="image/jpeg"', [], stored_syntax=JPEG_LS)
+    asked = f"multipart/related; type=image/jpeg; transfer-syntax={jpeg_lossless}"
+    with pytest.raises(NotAcceptable, match=r"stored in 1\.2\.840\.10008\.1\.2\.4\.50"):
+        negotiate(FRAMES, asked, [], stored_syntax="1.2.840.10008.1.2.4.50")
+
+
 def test_compressed_frame_types_are_for_frames_only() -> None:
     with pytest.raises(NotAcceptable):
         negotiate(INSTANCES, 'multipart/related; type="image/jpeg"', [])
