@@ -356,43 +356,6 @@ def _metadata(
     return Response(body, media_type=DICOM_JSON)
 
 
-async def _encoded_all(
-    delivery: Delivery, store: MetadataStore
-) -> tuple[list[bytes], str | None, bool]:
-    """The DICOM JSON of every instance of the delivery, a Warning text (missing
-    instances, or a PACS warning status) and whether instances are missing.
-
-    Instances are encoded while the rest are still arriving, a batch at a time
-    in one worker thread, so a cold series' metadata is ready soon after its
-    last instance.
-    """
-    await delivery.prepare()
-    parts: list[bytes] = []
-    batch: list[CachedInstance] = []
-    running: asyncio.Future[list[bytes]] | None = None
-    try:
-        async for inst in delivery:
-            batch.append(inst)
-            if running is None or running.done():
-                if running is not None:
-                    parts += running.result()
-                running = asyncio.ensure_future(asyncio.to_thread(store.encoded_all, batch))
-                batch = []
-        if running is not None:
-            parts += await running
-            running = None
-        if batch:
-            parts += await asyncio.to_thread(store.encoded_all, batch)
-    finally:
-        if running is not None:
-            running.cancel()
-    if delivery.complete:
-        return parts, "; ".join(delivery.notes) or None, False
-    if not parts and delivery.errors:
-        raise delivery.errors[0]
-    return parts, "; ".join(delivery.problems) or "the retrieve did not complete", True
-
-
 @router.get("/studies/{study}/metadata", summary="Metadata of a study's instances")
 async def study_metadata(
     study: str, request: Request, gateway: GatewayDep, node: NodeDep
@@ -407,7 +370,7 @@ async def study_metadata(
         raise NotFound(f"study {study} was not found on {node.name!r}")
     delivery = Delivery(gateway.retriever, node, study, series)
     parts, warning, partial = await until_disconnected(
-        request, _encoded_all(delivery, gateway.metadata)
+        request, gateway.metadata.of_delivery(delivery)
     )
     return _metadata(request, parts, gateway.metadata, warning, partial=partial)
 
@@ -423,7 +386,7 @@ async def series_metadata(
     _negotiate(request, ResourceKind.METADATA)
     delivery = Delivery(gateway.retriever, node, study, [series])
     parts, warning, partial = await until_disconnected(
-        request, _encoded_all(delivery, gateway.metadata)
+        request, gateway.metadata.of_delivery(delivery)
     )
     return _metadata(request, parts, gateway.metadata, warning, partial=partial)
 

@@ -41,7 +41,7 @@ from app.errors import (
     TooManyJobs,
 )
 from app.runtime import Gateway
-from app.services.nifti import IntakeFeeder
+from app.services.feeder import BatchFeeder
 from app.services.retrieve import Fetch, Target, incomplete_message
 from app.services.studies import series_of_study
 
@@ -267,7 +267,8 @@ class JobManager:
                 job.state, job.started = JobState.RUNNING, time.time()
                 job.record()
                 # A NIfTI job reads each file as it arrives (app/services/nifti.py).
-                feeder = IntakeFeeder(SeriesIntake()) if job.nifti else None
+                intake = SeriesIntake()
+                feeder: BatchFeeder[Path] | None = BatchFeeder(intake.add) if job.nifti else None
                 try:
                     await self._retrieve(job, node, feeder)
                     if feeder is not None:
@@ -279,7 +280,7 @@ class JobManager:
                 if feeder is not None:
                     job.phase = JobPhase.CONVERT
                     job.record()
-                    await self._convert(job, feeder.intake)
+                    await self._convert(job, intake)
                 job.state = JobState.DONE
         except asyncio.CancelledError:
             job.state = JobState.CANCELLED
@@ -305,7 +306,7 @@ class JobManager:
             )
 
     async def _retrieve(
-        self, job: Job, node: PacsNode, feeder: IntakeFeeder | None
+        self, job: Job, node: PacsNode, feeder: BatchFeeder[Path] | None
     ) -> list[CachedInstance]:
         retriever = self.gateway.retriever
         source: list[CachedInstance] | Fetch
@@ -339,7 +340,7 @@ class JobManager:
         return cached
 
     async def _follow(
-        self, job: Job, node: PacsNode, fetch: Fetch, feeder: IntakeFeeder | None
+        self, job: Job, node: PacsNode, fetch: Fetch, feeder: BatchFeeder[Path] | None
     ) -> list[CachedInstance]:
         retriever = self.gateway.retriever
         fetch.subscribers += 1

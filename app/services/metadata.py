@@ -26,6 +26,8 @@ from pathlib import Path
 from app.cache import CachedInstance
 from app.dicomweb import instances as dicom_files
 from app.dicomweb.json import dumps
+from app.services.feeder import BatchFeeder
+from app.services.retrieve import Delivery
 
 _Key = tuple[str, int, int, int]
 
@@ -82,6 +84,31 @@ class MetadataStore:
         # One thread for a whole batch: hundreds of small GIL-bound tasks spread
         # over the pool ran slower than one after the other.
         return [self.encoded(inst) for inst in instances]
+
+    async def of_delivery(self, delivery: Delivery) -> tuple[list[bytes], str | None, bool]:
+        """The DICOM JSON of every instance of *delivery*, a Warning text (missing
+        instances, or a PACS warning status) and whether instances are missing.
+
+        Instances are encoded as they arrive, so a cold series' metadata is
+        ready soon after its last instance.
+        """
+        await delivery.prepare()
+        parts: list[bytes] = []
+        feeder: BatchFeeder[CachedInstance] = BatchFeeder(
+            lambda batch: parts.extend(self.encoded_all(batch))
+        )
+        try:
+            async for inst in delivery:
+                feeder.push(inst)
+            await feeder.finish()
+        except BaseException:
+            feeder.cancel()
+            raise
+        if delivery.complete:
+            return parts, "; ".join(delivery.notes) or None, False
+        if not parts and delivery.errors:
+            raise delivery.errors[0]
+        return parts, "; ".join(delivery.problems) or "the retrieve did not complete", True
 
     def document(self, parts: list[bytes], base: str) -> bytes:
         """The JSON array of *parts* with BulkDataURIs under *base* (a URL)."""

@@ -12,56 +12,15 @@ that did arrive hold.
 
 from __future__ import annotations
 
-import asyncio
 from pathlib import Path
 
 from app.config import PacsNode
 from app.convert.intake import SeriesIntake
 from app.errors import RetrieveIncomplete
+from app.services.feeder import BatchFeeder
 from app.services.retrieve import Delivery, Retriever
 
-__all__ = ["IntakeFeeder", "receive_series"]
-
-
-class IntakeFeeder:
-    """Feeds paths to an intake off the event loop, in order, one batch at a time."""
-
-    def __init__(self, intake: SeriesIntake) -> None:
-        self.intake = intake
-        self._pending: list[Path] = []
-        self._wake = asyncio.Event()
-        self._closed = False
-        self._task = asyncio.ensure_future(self._run())
-
-    def push(self, path: Path) -> None:
-        self._pending.append(path)
-        self._wake.set()
-
-    async def _run(self) -> None:
-        while True:
-            if self._pending:
-                batch, self._pending = self._pending, []
-                await asyncio.to_thread(self.intake.add, batch)
-            elif self._closed:
-                return
-            else:
-                self._wake.clear()
-                await self._wake.wait()
-
-    async def finish(self) -> None:
-        """Wait until every path pushed has been read."""
-        self._closed = True
-        self._wake.set()
-        await self._task
-
-    def cancel(self) -> None:
-        # A batch being read finishes on its thread; nothing is read after it.
-        self._pending.clear()
-        if self._task.done():
-            if not self._task.cancelled():
-                self._task.exception()  # retrieved: the error that matters is raised already
-        else:
-            self._task.cancel()
+__all__ = ["receive_series"]
 
 
 async def receive_series(
@@ -76,7 +35,7 @@ async def receive_series(
     delivery = Delivery(retriever, node, study, [series])
     warning = await delivery.prepare()
     intake = SeriesIntake()
-    reader = IntakeFeeder(intake)
+    reader: BatchFeeder[Path] = BatchFeeder(intake.add)
     try:
         async for instance in delivery:
             reader.push(instance.path)
