@@ -37,7 +37,7 @@ class MetadataStore:
 
     def __init__(self, max_bytes: int) -> None:
         self.max_bytes = max_bytes
-        # Not a valid URL scheme character sequence a DICOM string would hold by chance.
+        # Random per process: no DICOM value holds it by chance, and no client can guess it.
         self._token = f"urn:dimse-gateway-base:{secrets.token_hex(8)}"
         self._token_bytes = self._token.encode()
         self._memo: OrderedDict[_Key, bytes] = OrderedDict()
