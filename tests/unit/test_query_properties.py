@@ -21,6 +21,8 @@ from pydicom.dataset import Dataset
 from pydicom.filebase import DicomBytesIO
 from pydicom.filereader import read_dataset
 from pydicom.filewriter import write_dataset
+from pydicom.multival import MultiValue
+from pydicom.sequence import Sequence as PydicomSequence
 
 from app.dicomweb.attributes import Level, keyword, vr_of
 from app.dicomweb.query import MatchKey, QidoQuery, parse_qido, valid_uid
@@ -224,7 +226,15 @@ def _key_value(ds: Dataset, key: MatchKey) -> str:
     if len(key.path) == 2:
         elem = elem.value[0][key.path[1]]
     raw = elem.value
-    text = raw.decode("utf-8") if isinstance(raw, bytes) else str(raw or "")
+    if raw is None or isinstance(raw, PydicomSequence):
+        text = ""  # an empty value, or a nested sequence (empty: a return key)
+    elif isinstance(raw, bytes):
+        text = raw.decode("utf-8")
+    elif isinstance(raw, MultiValue):
+        # Not str(): that is a Python list's repr, and a value of 0 is not empty.
+        text = "\\".join(str(v) for v in raw)
+    else:
+        text = str(raw)
     return text.rstrip(" \x00")
 
 
