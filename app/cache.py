@@ -12,6 +12,7 @@ sends as a name.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sqlite3
@@ -19,7 +20,7 @@ import threading
 import time
 import uuid
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -48,6 +49,18 @@ CREATE TABLE IF NOT EXISTS series (
     updated REAL NOT NULL
 );
 """
+
+
+@dataclass(frozen=True, slots=True)
+class WrittenInstance:
+    """A completely written temporary file and what it holds, to be committed."""
+
+    temp: Path
+    study_uid: str
+    series_uid: str
+    sop_uid: str
+    sop_class_uid: str
+    transfer_syntax: str
 
 
 @dataclass(frozen=True)
@@ -91,10 +104,16 @@ class InstanceCache:
     # -- paths -------------------------------------------------------------
 
     def path_for(self, study_uid: str, series_uid: str, sop_uid: str) -> Path:
-        for uid in (study_uid, series_uid, sop_uid):
+        if not valid_uid(sop_uid):
+            raise ValueError(f"not a valid UID: {sop_uid[:70]!r}")
+        return Path(self.folder_for(study_uid, series_uid), f"{sop_uid}.dcm")
+
+    def folder_for(self, study_uid: str, series_uid: str) -> str:
+        """The folder of a series' files (which may not exist yet)."""
+        for uid in (study_uid, series_uid):
             if not valid_uid(uid):
                 raise ValueError(f"not a valid UID: {uid[:70]!r}")
-        return self._files / study_uid / series_uid / f"{sop_uid}.dcm"
+        return f"{self._files}{os.sep}{study_uid}{os.sep}{series_uid}"
 
     @property
     def temp_dir(self) -> Path:
@@ -116,27 +135,107 @@ class InstanceCache:
         sop_class_uid: str,
         transfer_syntax: str,
     ) -> CachedInstance:
-        """Move a completely written temp file into place and index it."""
-        final = self.path_for(study_uid, series_uid, sop_uid)
-        final.parent.mkdir(parents=True, exist_ok=True)
-        size = temp.stat().st_size
-        os.replace(temp, final)
+        """Move a completely written temp file into place and index it.
+
+        OSError or ValueError (an invalid UID) if it cannot be kept; the temp
+        file is then the caller's to delete.
+        """
+        written = WrittenInstance(
+            temp, study_uid, series_uid, sop_uid, sop_class_uid, transfer_syntax
+        )
+        return self._index([self._place(written)])[0]
+
+    def commit_many(self, written: Sequence[WrittenInstance]) -> list[CachedInstance | None]:
+        """:meth:`commit` for several files, indexed in one transaction.
+
+        None in place of a file that could not be kept (logged, its temp file
+        deleted): the retrieve it belonged to then counts it missing.
+        """
+        placed: list[tuple[WrittenInstance, str, int]] = []
+        positions: list[int] = []
+        for position, item in enumerate(written):
+            try:
+                placed.append(self._place(item))
+            except (OSError, ValueError) as exc:
+                log.error("could not keep %s: %s", item.sop_uid, exc)
+                item.temp.unlink(missing_ok=True)
+            else:
+                positions.append(position)
+        out: list[CachedInstance | None] = [None] * len(written)
+        try:
+            indexed = self._index(placed)
+        except sqlite3.Error as exc:
+            log.error("could not index %d instances: %s", len(placed), exc)
+            for _, final, _ in placed:
+                with contextlib.suppress(OSError):
+                    os.unlink(final)
+            return out
+        for position, instance in zip(positions, indexed, strict=True):
+            out[position] = instance
+        return out
+
+    def _place(self, item: WrittenInstance) -> tuple[WrittenInstance, str, int]:
+        """Rename the file into place: (item, final path, size)."""
+        folder = self.folder_for(item.study_uid, item.series_uid)
+        if not valid_uid(item.sop_uid):
+            raise ValueError(f"not a valid UID: {item.sop_uid[:70]!r}")
+        final = f"{folder}{os.sep}{item.sop_uid}.dcm"
+        size = os.stat(item.temp).st_size
+        try:
+            os.replace(item.temp, final)
+        except FileNotFoundError:
+            # The series' folder does not exist yet (asking first, every time,
+            # cost more than the rename).
+            os.makedirs(folder, exist_ok=True)
+            os.replace(item.temp, final)
+        return item, final, size
+
+    def _index(self, placed: Sequence[tuple[WrittenInstance, str, int]]) -> list[CachedInstance]:
         now = time.time()
         with self._lock:
-            old = self._db.execute(
-                "SELECT size FROM instances WHERE sop_uid = ?", (sop_uid,)
-            ).fetchone()
-            self._db.execute(
+            grown = 0
+            for item, _, size in placed:
+                old = self._db.execute(
+                    "SELECT size FROM instances WHERE sop_uid = ?", (item.sop_uid,)
+                ).fetchone()
+                grown += size - (old[0] if old else 0)
+            self._db.executemany(
                 "INSERT OR REPLACE INTO instances VALUES (?, ?, ?, ?, ?, ?, ?)",
-                (sop_uid, study_uid, series_uid, sop_class_uid, transfer_syntax, size, now),
+                [
+                    (
+                        i.sop_uid,
+                        i.study_uid,
+                        i.series_uid,
+                        i.sop_class_uid,
+                        i.transfer_syntax,
+                        size,
+                        now,
+                    )
+                    for i, _, size in placed
+                ],
             )
-            self._db.commit()
-            self._bytes += size - (old[0] if old else 0)
+            # One commit per batch: per instance, the commit was the largest
+            # share of the gateway's own CPU time in a cold retrieve.
+            try:
+                self._db.commit()
+            except sqlite3.Error:
+                self._db.rollback()
+                raise
+            self._bytes += grown
         if self._bytes > self.max_bytes:
             self.evict()
-        return CachedInstance(
-            sop_uid, study_uid, series_uid, sop_class_uid, transfer_syntax, size, str(final)
-        )
+        return [
+            CachedInstance(
+                i.sop_uid,
+                i.study_uid,
+                i.series_uid,
+                i.sop_class_uid,
+                i.transfer_syntax,
+                size,
+                final,
+            )
+            for i, final, size in placed
+        ]
 
     def mark_series_complete(self, study_uid: str, series_uid: str, count: int) -> None:
         with self._lock:
@@ -200,7 +299,7 @@ class InstanceCache:
             key = (row[1], row[2])
             folder = folders.get(key)
             if folder is None:
-                folder = folders[key] = str(self.path_for(row[1], row[2], row[0]).parent)
+                folder = folders[key] = self.folder_for(row[1], row[2])
             out.append(self._checked(row, folder))
         whole = all(i is not None for i in out)
         with self._lock:

@@ -96,7 +96,7 @@ class Gateway:
             max_pdu=settings.storage_max_pdu,
             senders=senders,
             temp_dir=self.cache.temp_dir,
-            on_arrival=self.retriever.on_arrival,
+            on_arrivals=self.retriever.on_arrivals,
             log_level=settings.log_level,
             tls=storage_tls(settings),
         )

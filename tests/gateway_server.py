@@ -113,3 +113,12 @@ def gateway_settings(
         nodes=list(nodes),
         **options,
     )
+
+
+def partial_files(temp_dir: Path) -> list[Path]:
+    """Files in the cache's temp folder holding received bytes.
+
+    The storage child keeps a few empty files there, created ahead of need;
+    anything else is a receive in progress or one that was not cleaned up.
+    """
+    return [p for p in temp_dir.iterdir() if p.stat().st_size > 0]

@@ -122,12 +122,15 @@ def _skip_undefined(data: bytes, pos: int, implicit: bool) -> int:
             pos = value + length
 
 
-def file_study_series(path: str | os.PathLike[str], transfer_syntax: str) -> tuple[str, str]:
+def file_study_series(
+    path: str | os.PathLike[str], transfer_syntax: str, *, head: bytes | None = None
+) -> tuple[str, str]:
     """The Study and Series Instance UIDs a just-written Part 10 file declares: the
     header walk, or pydicom when the walk cannot tell (raises OSError/ValueError
-    when neither can)."""
-    with open(path, "rb") as f:
-        head = f.read(65536)
+    when neither can).  ``head``: the file's first bytes, if already read."""
+    if head is None:
+        with open(path, "rb") as f:
+            head = f.read(65536)
     found = part10_study_series(head, transfer_syntax)
     if found is not None:
         return found

@@ -27,7 +27,7 @@ from typing import BinaryIO, Literal
 
 from pydicom.dataset import Dataset
 
-from app.cache import CachedInstance, InstanceCache
+from app.cache import CachedInstance, InstanceCache, WrittenInstance
 from app.config import PacsNode
 from app.dicomweb.attributes import Level
 from app.dimse import get as dimse_get
@@ -113,9 +113,9 @@ class Fetch:
         self.progress = progress
         self._notify()
 
-    def arrive(self, instance: CachedInstance) -> None:
-        """Called on the loop thread for each stored instance."""
-        self.arrived.append(instance)
+    def arrive(self, instances: list[CachedInstance]) -> None:
+        """Called on the loop thread with instances as they are stored."""
+        self.arrived.extend(instances)
         self._notify()
 
     def finish(self, result: MoveResult | None, error: GatewayError | None) -> None:
@@ -492,31 +492,40 @@ class Retriever:
 
     # -- arrivals from the storage SCP process (its reader thread) -----------
 
-    def on_arrival(self, arrival: Arrival) -> None:
-        """Index an instance the storage process accepted for a running C-MOVE."""
+    def on_arrivals(self, arrivals: list[Arrival]) -> None:
+        """Index instances the storage process accepted for running C-MOVEs."""
         with self._lock:
-            fetch = self._by_msg.get(arrival.msg_id)
-        if fetch is None:
-            # The retrieve ended (cancelled, or the PACS overran its final
-            # response): nobody will read the file.
-            log.warning("dropped %s: retrieve %d has ended", arrival.sop_uid, arrival.msg_id)
-            arrival.temp.unlink(missing_ok=True)
-            return
-        try:
-            cached = self.cache.commit(
-                arrival.temp,
-                study_uid=arrival.study_uid,
-                series_uid=arrival.series_uid,
-                sop_uid=arrival.sop_uid,
-                sop_class_uid=arrival.sop_class_uid,
-                transfer_syntax=arrival.transfer_syntax,
-            )
-        except (OSError, ValueError) as exc:
-            # Missing from the fetch, so the retrieve reports it incomplete.
-            log.error("could not keep %s: %s", arrival.sop_uid, exc)
-            arrival.temp.unlink(missing_ok=True)
-            return
-        fetch.loop.call_soon_threadsafe(fetch.arrive, cached)
+            fetches = [self._by_msg.get(a.msg_id) for a in arrivals]
+        kept: list[tuple[Arrival, Fetch]] = []
+        for arrival, fetch in zip(arrivals, fetches, strict=True):
+            if fetch is None:
+                # The retrieve ended (cancelled, or the PACS overran its final
+                # response): nobody will read the file.
+                log.warning("dropped %s: retrieve %d has ended", arrival.sop_uid, arrival.msg_id)
+                arrival.temp.unlink(missing_ok=True)
+            else:
+                kept.append((arrival, fetch))
+        # A file that cannot be kept is missing from its fetch, so the
+        # retrieve reports it incomplete.
+        cached = self.cache.commit_many(
+            [
+                WrittenInstance(
+                    a.temp,
+                    a.study_uid,
+                    a.series_uid,
+                    a.sop_uid,
+                    a.sop_class_uid,
+                    a.transfer_syntax,
+                )
+                for a, _ in kept
+            ]
+        )
+        delivered: dict[Fetch, list[CachedInstance]] = {}
+        for (_, fetch), instance in zip(kept, cached, strict=True):
+            if instance is not None:
+                delivered.setdefault(fetch, []).append(instance)
+        for fetch, instances in delivered.items():
+            fetch.loop.call_soon_threadsafe(fetch.arrive, instances)
 
     # -- the C-GET receive path's sink (pynetdicom's threads) ---------------
 
@@ -569,7 +578,7 @@ class Retriever:
             log.error("could not keep %s: %s", incoming.sop_instance_uid, exc)
             temp.unlink(missing_ok=True)
             return STATUS_WRITE_FAILED
-        fetch.loop.call_soon_threadsafe(fetch.arrive, cached)
+        fetch.loop.call_soon_threadsafe(fetch.arrive, [cached])
         return st.SUCCESS
 
     def _route(self, incoming: IncomingInstance) -> Fetch | None:

@@ -21,7 +21,13 @@ import pytest
 from app.cli import main
 from app.runtime import Gateway
 from app.sampledata import ct_series, sample_patients, write_datasets
-from tests.gateway_server import GatewayServer, free_port, gateway_settings, local_node
+from tests.gateway_server import (
+    GatewayServer,
+    free_port,
+    gateway_settings,
+    local_node,
+    partial_files,
+)
 from tests.integration.conftest import GATEWAY_AE
 from tests.integration.test_nifti_http_cases import STUDY as ECHO_STUDY
 from tests.integration.test_nifti_http_cases import _multi_echo
@@ -310,7 +316,7 @@ def test_cancel_stops_the_move_and_keeps_no_partial_series(
 
     rt: Gateway = gw.app.state.gateway
     assert _wait(lambda: not rt.retriever._fetches), "the move was not stopped"
-    assert _wait(lambda: not list((rt.cache.root / "tmp").iterdir())), "a partial file was left"
+    assert _wait(lambda: not partial_files(rt.cache.root / "tmp")), "a partial file was left"
     assert rt.cache.series(series_uid) is None, "a cancelled move is not a complete series"
     assert httpx.get(f"{gw.url}/pacs", timeout=5).json()[0]["pool"]["in_use"] == 0
     # Cancelling a finished job forgets it; cancelling twice is harmless.

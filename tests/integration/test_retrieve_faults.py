@@ -15,7 +15,13 @@ import pytest
 
 from app.runtime import Gateway
 from app.sampledata import ct_series, sample_patients, write_datasets
-from tests.gateway_server import GatewayServer, free_port, gateway_settings, local_node
+from tests.gateway_server import (
+    GatewayServer,
+    free_port,
+    gateway_settings,
+    local_node,
+    partial_files,
+)
 from tests.integration.conftest import GATEWAY_AE
 from tests.peers.orthanc import OrthancPeer, orthanc_available
 
@@ -78,7 +84,7 @@ def _wait(predicate: object, timeout: float = 15) -> bool:
 
 
 def _no_temp_files(gw: GatewayServer) -> bool:
-    return not list((_runtime(gw).cache.root / "tmp").iterdir())
+    return not partial_files(_runtime(gw).cache.root / "tmp")
 
 
 def test_client_leaving_mid_stream_cancels_the_move(

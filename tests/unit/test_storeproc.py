@@ -23,6 +23,7 @@ from pynetdicom import AE
 from app.dimse.storeproc import STATUS_MISMATCH, Arrival, Expectation, StorageProcess
 from app.dimse.storescp import STATUS_NOT_AUTHORIZED
 from app.sampledata import ct_series, sample_patients
+from tests.gateway_server import partial_files
 from tests.peers.common import LOOPBACK
 
 GATEWAY_AE = "GWPROC"
@@ -59,7 +60,7 @@ def storage(tmp_path: Path, arrivals: queue.Queue[Arrival]) -> Iterator[StorageP
         max_pdu=1048576,
         senders={PACS_AE: ["localhost"]},
         temp_dir=temp,
-        on_arrival=arrivals.put,
+        on_arrivals=lambda batch: [arrivals.put(a) for a in batch],
         log_level="WARNING",
     )
     proc.start()
@@ -151,7 +152,7 @@ def test_unexpected_and_foreign_instances_are_refused(
     time.sleep(0.2)  # "forget" needs no answer; give the child time to read it
     assert _send(storage.port, series, msg_id=5) == [STATUS_NOT_AUTHORIZED]
     assert arrivals.empty()
-    assert list((tmp_path / "tmp").iterdir()) == []
+    assert partial_files(tmp_path / "tmp") == []
 
 
 def test_without_an_originator_id_the_single_retrieve_from_that_pacs_gets_it(
@@ -195,7 +196,7 @@ def test_stop_ends_the_child_and_closes_the_port(tmp_path: Path) -> None:
         max_pdu=65536,
         senders={},
         temp_dir=tmp_path,
-        on_arrival=lambda _a: None,
+        on_arrivals=lambda _batch: None,
         log_level="WARNING",
     )
     proc.start()
@@ -220,7 +221,66 @@ def test_a_port_in_use_is_a_clear_start_error(tmp_path: Path) -> None:
             max_pdu=65536,
             senders={},
             temp_dir=tmp_path,
-            on_arrival=lambda _a: None,
+            on_arrivals=lambda _batch: None,
         )
         with pytest.raises(RuntimeError, match="cannot listen"):
             proc.start()
+
+
+def test_the_child_runs_the_gateways_code_whatever_the_working_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, arrivals: queue.Queue[Arrival]
+) -> None:
+    # "app" is a common name: a gateway started from a folder holding another
+    # project's app/ must not run that project's code in its storage child.
+    decoy = tmp_path / "elsewhere" / "app" / "dimse"
+    decoy.mkdir(parents=True)
+    (decoy.parent / "__init__.py").write_text("")
+    (decoy / "__init__.py").write_text("")
+    (decoy / "storeproc.py").write_text("raise SystemExit('the decoy ran')\n")
+    monkeypatch.chdir(decoy.parent.parent)
+    temp = tmp_path / "tmp"
+    temp.mkdir()
+    proc = StorageProcess(
+        GATEWAY_AE,
+        host=LOOPBACK,
+        port=0,
+        max_pdu=65536,
+        senders={PACS_AE: ["localhost"]},
+        temp_dir=temp,
+        on_arrivals=lambda batch: [arrivals.put(a) for a in batch],
+        log_level="WARNING",
+    )
+    proc.start()
+    try:
+        series = _series(1)
+        _expect(
+            proc,
+            msg_id=5,
+            calling_ae=PACS_AE,
+            study_uid=series[0].StudyInstanceUID,
+            series_uid=series[0].SeriesInstanceUID,
+        )
+        assert _send(proc.port, series, msg_id=5) == [0]
+        assert arrivals.get(timeout=5).sop_uid == series[0].SOPInstanceUID
+    finally:
+        proc.stop()
+
+
+def test_spare_temporary_files_are_deleted_when_the_child_stops(tmp_path: Path) -> None:
+    proc = StorageProcess(
+        GATEWAY_AE,
+        host=LOOPBACK,
+        port=0,
+        max_pdu=65536,
+        senders={},
+        temp_dir=tmp_path,
+        on_arrivals=lambda _batch: None,
+        log_level="WARNING",
+    )
+    proc.start()
+    deadline = time.monotonic() + 5
+    while not list(tmp_path.glob("*.part")) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert list(tmp_path.glob("*.part")), "the child keeps files ready before any C-STORE"
+    proc.stop()
+    assert list(tmp_path.glob("*.part")) == []

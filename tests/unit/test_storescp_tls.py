@@ -164,7 +164,7 @@ def storage(
         max_pdu=1048576,
         senders={PACS_AE: ["localhost"], PLAIN_AE: ["localhost"]},
         temp_dir=temp,
-        on_arrival=arrivals.put,
+        on_arrivals=lambda batch: [arrivals.put(a) for a in batch],
         log_level="WARNING",
         tls=StorageTls(
             port=0,
