@@ -138,12 +138,19 @@ class InstanceCache:
         """Move a completely written temp file into place and index it.
 
         OSError or ValueError (an invalid UID) if it cannot be kept; the temp
-        file is then the caller's to delete.
+        file, if still there, is then the caller's to delete.
         """
         written = WrittenInstance(
             temp, study_uid, series_uid, sop_uid, sop_class_uid, transfer_syntax
         )
-        return self._index([self._place(written)])[0]
+        placed = self._place(written)
+        try:
+            return self._index([placed])[0]
+        except sqlite3.Error:
+            # Renamed but not indexed: the file is nobody's.
+            with contextlib.suppress(OSError):
+                os.unlink(placed[1])
+            raise OSError(f"could not index {sop_uid}") from None
 
     def commit_many(self, written: Sequence[WrittenInstance]) -> list[CachedInstance | None]:
         """:meth:`commit` for several files, indexed in one transaction.
@@ -191,39 +198,56 @@ class InstanceCache:
         return item, final, size
 
     def _index(self, placed: Sequence[tuple[WrittenInstance, str, int]]) -> list[CachedInstance]:
+        if not placed:
+            return []
         now = time.time()
         with self._lock:
-            grown = 0
-            for item, _, size in placed:
-                old = self._db.execute(
-                    "SELECT size FROM instances WHERE sop_uid = ?", (item.sop_uid,)
-                ).fetchone()
-                grown += size - (old[0] if old else 0)
-            self._db.executemany(
-                "INSERT OR REPLACE INTO instances VALUES (?, ?, ?, ?, ?, ?, ?)",
-                [
-                    (
-                        i.sop_uid,
-                        i.study_uid,
-                        i.series_uid,
-                        i.sop_class_uid,
-                        i.transfer_syntax,
-                        size,
-                        now,
-                    )
-                    for i, _, size in placed
-                ],
-            )
-            # One commit per batch: per instance, the commit was the largest
-            # share of the gateway's own CPU time in a cold retrieve.
             try:
+                # Sizes already counted, this batch's included: the same
+                # instance twice in one batch (two retrieves overlapping)
+                # replaces itself, it does not add up.
+                counted: dict[str, int] = {}
+                grown = 0
+                for item, _, size in placed:
+                    if item.sop_uid in counted:
+                        old = counted[item.sop_uid]
+                    else:
+                        row = self._db.execute(
+                            "SELECT size FROM instances WHERE sop_uid = ?", (item.sop_uid,)
+                        ).fetchone()
+                        old = row[0] if row else 0
+                    grown += size - old
+                    counted[item.sop_uid] = size
+                self._db.executemany(
+                    "INSERT OR REPLACE INTO instances VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    [
+                        (
+                            i.sop_uid,
+                            i.study_uid,
+                            i.series_uid,
+                            i.sop_class_uid,
+                            i.transfer_syntax,
+                            size,
+                            now,
+                        )
+                        for i, _, size in placed
+                    ],
+                )
+                # One commit per batch: per instance, the commit was the
+                # largest share of the gateway's own CPU time in a cold retrieve.
                 self._db.commit()
             except sqlite3.Error:
+                # Nothing of the batch may stay in an open transaction that a
+                # later, unrelated commit would write.
                 self._db.rollback()
                 raise
             self._bytes += grown
         if self._bytes > self.max_bytes:
-            self.evict()
+            try:
+                self.evict()
+            except (OSError, ValueError, sqlite3.Error) as exc:
+                # The instances are kept; the bound is enforced next time.
+                log.error("cache eviction failed: %s", exc)
         return [
             CachedInstance(
                 i.sop_uid,

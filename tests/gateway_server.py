@@ -121,4 +121,11 @@ def partial_files(temp_dir: Path) -> list[Path]:
     The storage child keeps a few empty files there, created ahead of need;
     anything else is a receive in progress or one that was not cleaned up.
     """
-    return [p for p in temp_dir.iterdir() if p.stat().st_size > 0]
+    found = []
+    for path in temp_dir.iterdir():
+        try:
+            if path.stat().st_size > 0:
+                found.append(path)
+        except FileNotFoundError:  # renamed into the cache or deleted meanwhile
+            continue
+    return found

@@ -40,6 +40,7 @@ import itertools
 import logging
 import os
 import queue
+import site
 import socket
 import subprocess
 import sys
@@ -342,28 +343,33 @@ class StorageProcess:
             if conn is None:
                 return
             try:
-                # What the child sent meanwhile is handled together: arrivals
-                # are indexed in one transaction, whose commit costs as much as
-                # one instance's.
                 messages = [conn.recv()]
-                while len(messages) < _BATCH and conn.poll():
-                    messages.append(conn.recv())
             except (EOFError, OSError):
                 if self._stopping or not self._respawn():
                     return
                 continue
-            arrivals: list[Arrival] = []
-            for message in messages:
+            # What the child sent meanwhile is handled together: arrivals are
+            # indexed in one transaction, whose commit costs as much as one
+            # instance's.  A child that ended meanwhile is noticed by the next
+            # recv(), after what it sent has been handled.
+            with contextlib.suppress(EOFError, OSError):
+                while len(messages) < _BATCH and conn.poll():
+                    messages.append(conn.recv())
+            self._handle(messages)
+
+    def _handle(self, messages: list[tuple[Any, ...]]) -> None:
+        arrivals: list[Arrival] = []
+        for message in messages:
+            try:
                 if message[0] == "arrived":
                     arrivals.append(_arrival(message))
                     continue
                 self._arrived(arrivals)
                 arrivals = []
-                try:
-                    self._dispatch(message)
-                except Exception:
-                    log.exception("storage process: cannot handle %r", message[:2])
-            self._arrived(arrivals)
+                self._dispatch(message)
+            except Exception:
+                log.exception("storage process: cannot handle %r", message[:2])
+        self._arrived(arrivals)
 
     def _arrived(self, arrivals: list[Arrival]) -> None:
         if not arrivals:
@@ -372,9 +378,15 @@ class StorageProcess:
             self.on_arrivals(arrivals)
         except Exception:
             log.exception("storage process: cannot handle %d arrivals", len(arrivals))
-        if self.observer is not None:
+            # Whatever was not moved into the cache is nobody's now.
             for arrival in arrivals:
-                self.observer(arrival.calling_ae, STATUS_SUCCESS, arrival.seconds)
+                arrival.temp.unlink(missing_ok=True)
+        if self.observer is not None:
+            try:
+                for arrival in arrivals:
+                    self.observer(arrival.calling_ae, STATUS_SUCCESS, arrival.seconds)
+            except Exception:
+                log.exception("storage process: the observer failed")
 
     def _dispatch(self, message: tuple[Any, ...]) -> None:
         kind = message[0]
@@ -428,9 +440,15 @@ class StorageProcess:
 
 
 def _child_environment() -> dict[str, str]:
-    root = str(Path(__file__).resolve().parents[2])
+    """The gateway's environment, with its package's folder first on the path
+    when that is a source tree (an editable install); an installed package's
+    site-packages is on the child's path anyway, and first it would come before
+    the standard library."""
     env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
+    root = Path(__file__).resolve().parents[2]
+    sites = {Path(p).resolve() for p in [*site.getsitepackages(), site.getusersitepackages()]}
+    if root not in sites:
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(root), env.get("PYTHONPATH")) if p)
     return env
 
 
@@ -505,10 +523,16 @@ class _SpareFiles:
 
     def take(self) -> tuple[str, BinaryIO]:
         """A new empty file, open for writing and reading back, and its path."""
-        try:
-            return self._ready.get_nowait()
-        except queue.Empty:
-            return self._create()
+        while True:
+            try:
+                spare = self._ready.get_nowait()
+            except queue.Empty:
+                return self._create()
+            # Deleted while it waited (someone cleaned the temp folder): what
+            # was written to it would be lost at the rename.
+            if os.fstat(spare[1].fileno()).st_nlink:
+                return spare
+            _discard(spare)
 
     def _create(self) -> tuple[str, BinaryIO]:
         path = f"{self._prefix}{uuid.uuid4().hex}.part"
@@ -546,6 +570,7 @@ def _discard(spare: tuple[str, BinaryIO]) -> None:
     path, file = spare
     with contextlib.suppress(OSError):
         file.close()
+    with contextlib.suppress(OSError):
         os.unlink(path)
 
 
@@ -609,25 +634,62 @@ class _ChildSink:
     def close(self, incoming: IncomingInstance, file: BinaryIO, ok: bool) -> int:
         with self._lock:
             expectation, path, started = self._files.pop(id(file))
+        reported = False
+        try:
+            checked = self._check(incoming, file, ok, expectation, path)
+            if isinstance(checked, int):
+                return self._refuse(incoming, checked, started)
+            study, series = checked
+            self.send(
+                (
+                    "arrived",
+                    expectation.msg_id,
+                    incoming.sop_instance_uid,
+                    incoming.sop_class_uid,
+                    incoming.transfer_syntax_uid,
+                    study,
+                    series,
+                    path,
+                    incoming.calling_ae,
+                    time.monotonic() - started,
+                )
+            )
+            reported = True
+            return STATUS_SUCCESS
+        finally:
+            if not reported:
+                # Refused, or the gateway could not be told: nobody will read it.
+                with contextlib.suppress(OSError):
+                    os.unlink(path)
+
+    def _check(
+        self,
+        incoming: IncomingInstance,
+        file: BinaryIO,
+        ok: bool,
+        expectation: Expectation,
+        path: str,
+    ) -> tuple[str, str] | int:
+        """Close the file: its study and series UIDs, or the failure status it gets."""
         head = b""
         try:
             if ok:
                 # From the open file: opening it again cost as much as its UID check.
                 head = os.pread(file.fileno(), _HEAD_BYTES, 0)
-            file.close()
         except OSError:
             ok = False
+        finally:
+            try:
+                file.close()
+            except OSError:
+                ok = False
         if not ok:
-            with contextlib.suppress(OSError):
-                os.unlink(path)
-            return self._refuse(incoming, STATUS_OUT_OF_RESOURCES, started)
+            return STATUS_OUT_OF_RESOURCES
         try:
             study, series = file_study_series(path, incoming.transfer_syntax_uid, head=head)
-        except (OSError, ValueError) as exc:
+        except Exception as exc:  # pydicom's fallback raises more than OSError/ValueError
             log.error("cannot read back %s: %s", incoming.sop_instance_uid, exc)
-            with contextlib.suppress(OSError):
-                os.unlink(path)
-            return self._refuse(incoming, STATUS_OUT_OF_RESOURCES, started)
+            return STATUS_OUT_OF_RESOURCES
         if not expectation.covers(study, series, incoming.sop_instance_uid):
             log.warning(
                 "refused %s: it belongs to study %s series %s, not to what retrieve %d asked for",
@@ -636,24 +698,8 @@ class _ChildSink:
                 series,
                 expectation.msg_id,
             )
-            with contextlib.suppress(OSError):
-                os.unlink(path)
-            return self._refuse(incoming, STATUS_MISMATCH, started)
-        self.send(
-            (
-                "arrived",
-                expectation.msg_id,
-                incoming.sop_instance_uid,
-                incoming.sop_class_uid,
-                incoming.transfer_syntax_uid,
-                study,
-                series,
-                path,
-                incoming.calling_ae,
-                time.monotonic() - started,
-            )
-        )
-        return STATUS_SUCCESS
+            return STATUS_MISMATCH
+        return study, series
 
 
 def _child_main(fd: int) -> int:
@@ -665,6 +711,13 @@ def _child_main(fd: int) -> int:
         stream=sys.stderr,
     )
     sink = _ChildSink(conn, Path(config["temp_dir"]))
+    try:
+        return _serve_child(conn, config, sink)
+    finally:
+        sink.shutdown()
+
+
+def _serve_child(conn: Connection, config: dict[str, Any], sink: _ChildSink) -> int:
     policy = _SenderPolicy(config["senders"])
     tls = config.get("tls")
     scp = StorageSCP(
@@ -713,7 +766,6 @@ def _child_main(fd: int) -> int:
     finally:
         for each in scps:
             each.stop()
-        sink.shutdown()
     return 0
 
 

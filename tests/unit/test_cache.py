@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import sqlite3
 import time
 from pathlib import Path
 
 import pytest
 
-from app.cache import InstanceCache
+from app.cache import InstanceCache, WrittenInstance
 
 STUDY, SERIES = "1.2.3", "1.2.3.4"
 
@@ -100,3 +101,67 @@ def test_instances_in_use_are_not_evicted(tmp_path: Path) -> None:
         _put(cache, f"1.2.3.4.{i}", 100)
     assert all(cache.get(f"1.2.3.4.{i}") is not None for i in range(3))
     assert cache.size_bytes == 300
+
+
+def _written(cache: InstanceCache, sop: str, size: int) -> WrittenInstance:
+    temp = cache.temp_path()
+    temp.write_bytes(b"y" * size)
+    return WrittenInstance(
+        temp, STUDY, SERIES, sop, "1.2.840.10008.5.1.4.1.1.2", "1.2.840.10008.1.2.1"
+    )
+
+
+def _indexed_bytes(root: Path) -> int:
+    with sqlite3.connect(root / "index.sqlite3") as db:
+        return int(db.execute("SELECT COALESCE(SUM(size), 0) FROM instances").fetchone()[0])
+
+
+def test_a_batch_keeps_what_it_can_and_says_which(tmp_path: Path) -> None:
+    cache = InstanceCache(tmp_path, max_bytes=10_000)
+    good, bad = _written(cache, "1.2.3.4.1", 100), _written(cache, "1.2.3.4.x", 50)
+    out = cache.commit_many([good, bad, _written(cache, "1.2.3.4.2", 70)])
+    assert [i.sop_uid if i else None for i in out] == ["1.2.3.4.1", None, "1.2.3.4.2"]
+    assert not bad.temp.exists(), "the refused file is deleted"
+    assert cache.size_bytes == 170 == _indexed_bytes(tmp_path)
+    assert cache.commit_many([]) == []
+
+
+def test_the_same_instance_twice_in_a_batch_counts_once(tmp_path: Path) -> None:
+    # Two retrieves (study and series level) of the same series deliver it twice.
+    cache = InstanceCache(tmp_path, max_bytes=10_000)
+    _put(cache, "1.2.3.4.1", 40)
+    out = cache.commit_many([_written(cache, "1.2.3.4.1", 100), _written(cache, "1.2.3.4.1", 100)])
+    assert all(i is not None for i in out)
+    assert cache.size_bytes == 100 == _indexed_bytes(tmp_path)
+    cache.close()
+    assert InstanceCache(tmp_path, max_bytes=10_000).size_bytes == 100
+
+
+def test_a_failed_index_leaves_nothing_behind(tmp_path: Path) -> None:
+    cache = InstanceCache(tmp_path, max_bytes=10_000)
+    # The second row of the batch fails, as on a full disk.
+    cache._db.execute(
+        "CREATE TRIGGER full BEFORE INSERT ON instances WHEN NEW.sop_uid = '1.2.3.4.9' "
+        "BEGIN SELECT RAISE(ABORT, 'database or disk is full'); END"
+    )
+    cache._db.commit()
+    out = cache.commit_many([_written(cache, "1.2.3.4.1", 10), _written(cache, "1.2.3.4.9", 10)])
+    assert out == [None, None]
+    # A later, unrelated commit must not write half of the failed batch.
+    cache.mark_series_complete(STUDY, SERIES, 1)
+    assert _indexed_bytes(tmp_path) == 0 == cache.size_bytes
+    assert cache.get("1.2.3.4.1") is None
+    assert list((tmp_path / "instances").rglob("*.dcm")) == []
+    assert list((tmp_path / "tmp").iterdir()) == []
+    # The single-file path (C-GET) says so, and leaves no file either.
+    single = _written(cache, "1.2.3.4.9", 10)
+    with pytest.raises(OSError, match="could not index"):
+        cache.commit(
+            single.temp,
+            study_uid=STUDY,
+            series_uid=SERIES,
+            sop_uid="1.2.3.4.9",
+            sop_class_uid=single.sop_class_uid,
+            transfer_syntax=single.transfer_syntax,
+        )
+    assert list((tmp_path / "instances").rglob("*.dcm")) == []

@@ -7,12 +7,15 @@ Message ID as a PACS doing a C-MOVE does.
 
 from __future__ import annotations
 
+import concurrent.futures
 import os
 import queue
 import signal
 import socket
+import threading
 import time
 from collections.abc import Iterator
+from multiprocessing.connection import Connection, Pipe
 from pathlib import Path
 
 import pydicom
@@ -20,8 +23,14 @@ import pytest
 from pydicom.dataset import Dataset
 from pynetdicom import AE
 
-from app.dimse.storeproc import STATUS_MISMATCH, Arrival, Expectation, StorageProcess
-from app.dimse.storescp import STATUS_NOT_AUTHORIZED
+from app.dimse.storeproc import (
+    STATUS_MISMATCH,
+    Arrival,
+    Expectation,
+    StorageProcess,
+    _SpareFiles,
+)
+from app.dimse.storescp import STATUS_NOT_AUTHORIZED, STATUS_OUT_OF_RESOURCES
 from app.sampledata import ct_series, sample_patients
 from tests.gateway_server import partial_files
 from tests.peers.common import LOOPBACK
@@ -284,3 +293,104 @@ def test_spare_temporary_files_are_deleted_when_the_child_stops(tmp_path: Path) 
     assert list(tmp_path.glob("*.part")), "the child keeps files ready before any C-STORE"
     proc.stop()
     assert list(tmp_path.glob("*.part")) == []
+
+
+def _arrived_message(n: int, temp: Path) -> tuple[object, ...]:
+    return (
+        "arrived",
+        7,
+        f"1.2.3.{n}",
+        "1.2.840.10008.5.1.4.1.1.2",
+        "1.2.840.10008.1.2.1",
+        "1.2.3",
+        "1.2.3.4",
+        str(temp),
+        PACS_AE,
+        0.01,
+    )
+
+
+def _reader_on(pipe: Connection, on_arrivals: object) -> StorageProcess:
+    """A StorageProcess whose reader reads ``pipe`` (no child, no restart)."""
+    proc = StorageProcess(
+        GATEWAY_AE,
+        host=LOOPBACK,
+        port=0,
+        max_pdu=65536,
+        senders={},
+        temp_dir=Path("/nonexistent"),
+        on_arrivals=on_arrivals,  # type: ignore[arg-type]
+    )
+    proc._conn = pipe
+    proc._respawn = lambda: False  # type: ignore[method-assign]
+    return proc
+
+
+def test_what_a_dying_child_sent_is_still_handled(tmp_path: Path) -> None:
+    got: list[str] = []
+    ours, childs = Pipe()
+    proc = _reader_on(ours, lambda batch: got.extend(a.sop_uid for a in batch))
+    for n in (1, 2, 3):
+        childs.send(_arrived_message(n, tmp_path / f"{n}.part"))
+    childs.close()
+    reader = threading.Thread(target=proc._read_loop)
+    reader.start()
+    reader.join(5)
+    assert got == ["1.2.3.1", "1.2.3.2", "1.2.3.3"]
+
+
+def test_a_failing_observer_does_not_stop_the_reader(tmp_path: Path) -> None:
+    got: list[str] = []
+    ours, childs = Pipe()
+    proc = _reader_on(ours, lambda batch: got.extend(a.sop_uid for a in batch))
+
+    def observer(_ae: str, _status: int, _seconds: float | None) -> None:
+        raise KeyError("a metrics bug")
+
+    proc.observer = observer
+    ack = proc._acks[41] = concurrent.futures.Future()
+    reader = threading.Thread(target=proc._read_loop)
+    reader.start()
+    childs.send(_arrived_message(1, tmp_path / "1.part"))
+    childs.send(("refused", PACS_AE, STATUS_MISMATCH, 0.01))
+    childs.send(("ack", 41))
+    childs.send(_arrived_message(2, tmp_path / "2.part"))
+    ack.result(timeout=5)
+    deadline = time.monotonic() + 5
+    while len(got) < 2 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    childs.close()
+    reader.join(5)
+    assert got == ["1.2.3.1", "1.2.3.2"]
+
+
+def test_an_unreadable_data_set_is_refused_and_deleted(
+    storage: StorageProcess, arrivals: queue.Queue[Arrival], tmp_path: Path
+) -> None:
+    # Not a data set the header walk reads, and without the UIDs pydicom's
+    # fallback looks for (AttributeError, not OSError).
+    ds = _series(1)[0]
+    del ds.StudyInstanceUID
+    _expect(storage, msg_id=8, calling_ae=PACS_AE, study_uid="1.2.3", series_uid=None)
+    assert _send(storage.port, [ds], msg_id=8) == [STATUS_OUT_OF_RESOURCES]
+    assert arrivals.empty()
+    assert partial_files(tmp_path / "tmp") == []
+
+
+def test_a_spare_file_deleted_while_it_waited_is_not_used(tmp_path: Path) -> None:
+    spares = _SpareFiles(f"{tmp_path}{os.sep}", depth=2)
+    try:
+        deadline = time.monotonic() + 5
+        while len(list(tmp_path.iterdir())) < 2 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        for waiting in tmp_path.iterdir():  # an operator "cleaning" the temp folder
+            waiting.unlink()
+        path, file = spares.take()
+        try:
+            assert Path(path).exists()
+            file.write(b"kept")
+            assert Path(path).read_bytes() == b"kept"
+        finally:
+            file.close()
+    finally:
+        spares.close()
