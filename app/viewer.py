@@ -106,6 +106,12 @@ _CREDENTIALS_JS = """\
     window.history.replaceState(
       null, "", window.location.pathname + (rest ? "?" + rest : "") + window.location.hash);
   }
+  if (!sessionStorage.getItem(KEY)) {
+    // Opened without ?token=: ask once for this tab, rather than show a study
+    // list whose every request is refused.
+    const entered = window.prompt("This DICOMweb gateway needs an API key or access token:");
+    if (entered && entered.trim()) sessionStorage.setItem(KEY, entered.trim());
+  }
   const bearer = () => {
     const token = sessionStorage.getItem(KEY);
     return token ? "Bearer " + token : null;

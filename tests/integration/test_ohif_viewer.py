@@ -325,3 +325,46 @@ def test_ohif_opens_a_generated_study_and_shows_its_pixels(
         assert all(s.authorization == bearer for s in study_paths), [
             (s.path, s.authorization) for s in study_paths if s.authorization != bearer
         ]
+
+
+def test_opened_without_a_token_the_viewer_asks_for_one(
+    viewer_gateway: tuple[GatewayServer, list[Seen]], chromium: str
+) -> None:
+    from playwright.sync_api import Dialog, sync_playwright
+
+    gw, seen = viewer_gateway
+    if not gw.settings.auth_enabled:
+        pytest.skip("an open gateway needs no token and asks for none")
+    asked: list[str] = []
+
+    def answer(dialog: Dialog) -> None:
+        asked.append(dialog.message)
+        dialog.accept(VIEWER_KEY)
+
+    deadline = time.monotonic() + BROWSER_BUDGET_S
+    before = len(seen)
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(
+            executable_path=chromium,
+            args=[
+                "--no-sandbox",
+                "--use-angle=swiftshader",
+                "--enable-unsafe-swiftshader",
+                "--disable-background-networking",
+                "--disable-component-update",
+                "--disable-sync",
+            ],
+        )
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 900})
+            page.on("dialog", answer)
+            page.goto(f"{gw.url}/viewer/")
+            page.get_by_text(ACCESSION).wait_for(
+                timeout=max(1.0, (deadline - time.monotonic()) * 1000)
+            )
+        finally:
+            browser.close()
+    assert len(asked) == 1 and "API key" in asked[0]
+    searches = [s for s in seen[before:] if s.path.endswith("/dicomweb/studies")]
+    assert searches and all(s.status == 200 for s in searches)
+    assert all(s.authorization == f"Bearer {VIEWER_KEY}".encode() for s in searches)
