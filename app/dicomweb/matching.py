@@ -341,6 +341,30 @@ def _tm_bounds(text: str) -> _Bounds | None:
     return start, start + unit - 1
 
 
+def time_key_for_pacs(value: str) -> str:
+    """A TM key as a PACS comparing times as strings (Orthanc) still reads right.
+
+    The gateway takes a key at its precision (``-1630`` ends at 16:30:59.999999,
+    ``1630`` is that whole minute); Orthanc compares strings, so ``-1630`` misses
+    a study at ``163000`` and ``133834`` one at ``133834.250000``. Each upper end
+    is sent at full precision (``-163059.999999``) and a single value as the
+    range it denotes; the gateway then matches the answers exactly. A lower end
+    needs nothing: a shorter string sorts first.
+    """
+    low_text, dash, high_text = value.partition("-")
+    end_text = high_text if dash else low_text
+    if not end_text:
+        return value
+    bounds = _tm_bounds(end_text)
+    if bounds is None:
+        return value
+    last = bounds[1]
+    seconds, micros = divmod(last, 1_000_000)
+    minutes, ss = divmod(seconds, 60)
+    hh, mm = divmod(minutes, 60)
+    return f"{low_text}-{hh:02d}{mm:02d}{ss:02d}.{micros:06d}"
+
+
 # -- Ranges: DT ------------------------------------------------------------------------------
 
 _DT_RE = re.compile(

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -22,6 +23,7 @@ from pydicom.dataset import Dataset
 from app.config import PacsNode
 from app.dicomweb.attributes import UNIQUE_KEY, Level, keyword, level_of
 from app.dicomweb.matching import matches as match_one
+from app.dicomweb.matching import time_key_for_pacs
 from app.dicomweb.query import MatchKey, QidoQuery
 from app.dimse import status as st
 from app.dimse.find import FindResult, QueryModel, c_find
@@ -133,7 +135,14 @@ class Searcher:
             if not rows:
                 break
         rows = await self._derive(rows)
-        rows = [r for r in rows if self._accept(r.data[q.level], q.level, final=True)]
+        # Every level's keys again, not only the target's: a key of an upper level
+        # the PACS ignored (ModalitiesInStudy in /series on a PACS that does not
+        # keep it) is derived only now, and one it does not return must be named.
+        rows = [
+            r
+            for r in rows
+            if all(self._accept(ds, level, final=True) for level, ds in r.data.items())
+        ]
         rows = await self._filter_below(rows)
         result = SearchResult(warnings=self.warnings)
         for code in sorted(self._pacs_warnings):
@@ -249,19 +258,35 @@ class Searcher:
         A PACS that matches names case-sensitively gets each letter as ``?``
         (PS3.4 C.2.2.2.4): it returns a superset that the gateway then matches
         without regard to case, as PS3.4 C.2.2.2.1 allows for PN.  A list of
-        codes goes as a universal key, matched here.
+        codes goes as a universal key, matched here.  Times go as ranges at full
+        precision (``time_key_for_pacs``), a ``?`` wild card as ``*``.
         """
         if key.vr == "CS" and "\\" in key.value:
             # Baseline C-FIND takes one value per key (lists are for UIDs only,
             # PS3.4 C.2.2.2.2): the PACS returns every value, the gateway matches.
             return MatchKey(key.path, key.vr, "", key.level, key.parameter)
+        if key.has_wildcard and "?" in key.value:
+            # A '?' is one character (PS3.4 C.2.2.2.4), but PACS that compare bytes
+            # (Orthanc) take it for one byte: M?ller missed Müller. Sent as '*',
+            # matched here exactly.
+            widened = re.sub(r"\*+", "*", key.value.replace("?", "*"))
+            key = MatchKey(key.path, key.vr, widened, key.level, key.parameter)
+        if key.vr == "TM" and key.value:
+            return MatchKey(
+                key.path, key.vr, time_key_for_pacs(key.value), key.level, key.parameter
+            )
         if key.vr == "PN" and key.value:
             if self.query.fuzzymatching:
                 return MatchKey(key.path, key.vr, "", key.level, key.parameter)
+            value = key.value
             if self.profile.case_sensitive_names:
-                return MatchKey(
-                    key.path, key.vr, case_blind_pattern(key.value), key.level, key.parameter
-                )
+                value = case_blind_pattern(value)
+            if "=" not in value and not value.endswith("*"):
+                # A key of one component group matches a name's groups on their
+                # own here; Orthanc and dcmqrscp match it against the whole value,
+                # so Yamada^Tarou missed Yamada^Tarou=山田^太郎=やまだ^たろう.
+                value += "*"
+            return MatchKey(key.path, key.vr, value, key.level, key.parameter)
         return key
 
     def _return_tags(self, level: Level) -> set[int]:
