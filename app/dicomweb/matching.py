@@ -347,22 +347,22 @@ def time_key_for_pacs(value: str) -> str:
     The gateway takes a key at its precision (``-1630`` ends at 16:30:59.999999,
     ``1630`` is that whole minute); Orthanc compares strings, so ``-1630`` misses
     a study at ``163000`` and ``133834`` one at ``133834.250000``. Each upper end
-    is sent at full precision (``-163059.999999``) and a single value as the
-    range it denotes; the gateway then matches the answers exactly. A lower end
-    needs nothing: a shorter string sorts first.
+    is sent at full precision (``-163059.999999``), each lower end as its hour
+    (a stored ``08`` sorts before ``0800``), and a single value as such a
+    range; the gateway then matches the answers exactly.
     """
     low_text, dash, high_text = value.partition("-")
     end_text = high_text if dash else low_text
-    if not end_text:
-        return value
-    bounds = _tm_bounds(end_text)
-    if bounds is None:
-        return value
-    last = bounds[1]
-    seconds, micros = divmod(last, 1_000_000)
-    minutes, ss = divmod(seconds, 60)
-    hh, mm = divmod(minutes, 60)
-    return f"{low_text}-{hh:02d}{mm:02d}{ss:02d}.{micros:06d}"
+    high = ""
+    if end_text:
+        bounds = _tm_bounds(end_text)
+        if bounds is None:
+            return value
+        seconds, micros = divmod(bounds[1], 1_000_000)
+        minutes, ss = divmod(seconds, 60)
+        hh, mm = divmod(minutes, 60)
+        high = f"{hh:02d}{mm:02d}{ss:02d}.{micros:06d}"
+    return f"{low_text[:2]}-{high}"
 
 
 # -- Ranges: DT ------------------------------------------------------------------------------

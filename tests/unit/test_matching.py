@@ -17,7 +17,7 @@ from pydicom.sequence import Sequence
 from pydicom.tag import BaseTag, Tag
 
 from app.dicomweb.attributes import Level, vr_of
-from app.dicomweb.matching import matches, matches_all
+from app.dicomweb.matching import matches, matches_all, time_key_for_pacs
 from app.dicomweb.query import MatchKey, parse_qido
 
 
@@ -412,3 +412,40 @@ def test_matching_leaves_the_answer_unconverted() -> None:
     matches_all(ds, [key("PatientName", "doe*"), key("StudyDate", "2024-")])
 
     assert all(isinstance(elem, RawDataElement) for _, elem in ds.items())
+
+
+_STORED_TIMES = (
+    "08",
+    "0800",
+    "080000",
+    "120000",
+    "1200",
+    "133834",
+    "133834.250000",
+    "163000",
+    "1630",
+    "163059.9",
+)
+
+
+@pytest.mark.parametrize(
+    ("value", "sent"),
+    [
+        ("-1630", "-163059.999999"),
+        ("1630-", "16-"),
+        ("1630", "16-163059.999999"),
+        ("133834", "13-133834.999999"),
+        ("133834.25", "13-133834.259999"),
+        ("08-12", "08-125959.999999"),
+        ("0800-1200", "08-120059.999999"),
+        ("-133834.250000", "-133834.250000"),
+    ],
+)
+def test_time_key_for_pacs_loses_nothing_to_string_comparison(value: str, sent: str) -> None:
+    """A PACS comparing TM strings (Orthanc) must return every time the gateway's
+    matcher then accepts: ``-1630`` as sent missed ``163000``."""
+    assert time_key_for_pacs(value) == sent
+    low, _, high = sent.partition("-")
+    for stored in _STORED_TIMES:
+        if matches(dataset(StudyTime=stored), key("StudyTime", value)):
+            assert low <= stored and (not high or stored <= high), stored
