@@ -203,18 +203,19 @@ class GatewayProcess(common.GatewayProcess):
             workdir, nodes=[node], storage_port=storage_port, written_by="bench/retrieve.py"
         )
 
-    def restart_empty(self) -> None:
+    def restart_empty(self, route: str = "") -> None:
         """Stop, delete ``work_dir/cache``, start a fresh process and warm it up."""
         self.stop()
         shutil.rmtree(self.work_dir / "cache", ignore_errors=True)
         self.start()
-        self.warm_up()
+        self.warm_up(route)
 
-    def warm_up(self) -> None:
-        """One request through the retrieve route that touches neither the cache nor
-        the PACS (an invalid UID: 400), so that a cold run measures a cold cache, not
-        a process's first request (FastAPI builds its route state lazily, ~25 ms)."""
-        url = f"{self.url}/dicomweb/studies/1.2.3/series/not-a-uid"
+    def warm_up(self, route: str = "") -> None:
+        """One request through the series route (``route`` appended: ``/nifti``)
+        that touches neither the cache nor the PACS (an invalid UID: 400), so that
+        a cold run measures a cold cache, not a process's first request on that
+        route (FastAPI builds a route's state lazily: 25-55 ms)."""
+        url = f"{self.url}/dicomweb/studies/1.2.3/series/not-a-uid{route}"
         response = httpx.get(url, headers={"Accept": ACCEPT}, timeout=10, trust_env=False)
         if response.status_code != 400:
             raise RuntimeError(f"warm-up request: HTTP {response.status_code}, expected 400")
