@@ -327,14 +327,15 @@ def test_ohif_opens_a_generated_study_and_shows_its_pixels(
         ]
 
 
+# An open gateway needs no token and asks for none.
+@pytest.mark.parametrize("viewer_gateway", ["api-key"], indirect=True)
 def test_opened_without_a_token_the_viewer_asks_for_one(
     viewer_gateway: tuple[GatewayServer, list[Seen]], chromium: str
 ) -> None:
     from playwright.sync_api import Dialog, sync_playwright
 
     gw, seen = viewer_gateway
-    if not gw.settings.auth_enabled:
-        pytest.skip("an open gateway needs no token and asks for none")
+    assert gw.settings.auth_enabled
     asked: list[str] = []
 
     def answer(dialog: Dialog) -> None:
