@@ -335,10 +335,12 @@ class Searcher:
         """
         q = self.query
         levels = (q.level, *q.context_levels)
-        study_wanted: set[int] = set()
+        # A study match key is judged whatever the resource: in
+        # /studies/{study}/series too, where no study attribute is returned.
+        study_wanted = {k.tag for k in self._by_level[Level.STUDY]}
         if Level.STUDY in levels:
-            study_wanted = q.return_tags(Level.STUDY) | {k.tag for k in self._by_level[Level.STUDY]}
-            study_wanted &= _DERIVABLE_STUDY
+            study_wanted |= q.return_tags(Level.STUDY)
+        study_wanted &= _DERIVABLE_STUDY
         series_count = Level.SERIES in levels and self._explicit(_SERIES_INSTANCE_COUNT)
 
         def lacks(row: _Row, level: Level, tags: set[int]) -> bool:
