@@ -218,20 +218,13 @@ class InstanceCache:
                         old = row[0] if row else 0
                     grown += size - old
                     counted[item.sop_uid] = size
+                rows = [
+                    (i.sop_uid, i.study_uid, i.series_uid, i.sop_class_uid, i.transfer_syntax, size)
+                    for i, _, size in placed
+                ]
                 self._db.executemany(
                     "INSERT OR REPLACE INTO instances VALUES (?, ?, ?, ?, ?, ?, ?)",
-                    [
-                        (
-                            i.sop_uid,
-                            i.study_uid,
-                            i.series_uid,
-                            i.sop_class_uid,
-                            i.transfer_syntax,
-                            size,
-                            now,
-                        )
-                        for i, _, size in placed
-                    ],
+                    [(*row, now) for row in rows],
                 )
                 # One commit per batch: per instance, the commit was the
                 # largest share of the gateway's own CPU time in a cold retrieve.
@@ -249,16 +242,7 @@ class InstanceCache:
                 # The instances are kept; the bound is enforced next time.
                 log.error("cache eviction failed: %s", exc)
         return [
-            CachedInstance(
-                i.sop_uid,
-                i.study_uid,
-                i.series_uid,
-                i.sop_class_uid,
-                i.transfer_syntax,
-                size,
-                final,
-            )
-            for i, final, size in placed
+            CachedInstance(*row, final) for row, (_, final, _) in zip(rows, placed, strict=True)
         ]
 
     def mark_series_complete(self, study_uid: str, series_uid: str, count: int) -> None:

@@ -700,7 +700,7 @@ def expected_answer(query: Query, fetch: Fetch) -> Expected:
 PLUGIN_ONLY = frozenset({"00081190", "00080054", "00080056", "00080005"})
 
 
-def _norm(attr: dict[str, Any]) -> list[Any]:
+def normalized(attr: dict[str, Any]) -> list[Any]:
     """Values as a client reads them: strings stripped, numbers as numbers."""
     out: list[Any] = []
     for v in attr.get("Value", []):
@@ -729,8 +729,8 @@ def value_differences(
         ref = theirs[tag]
         if attr.get("vr") != ref.get("vr"):
             out.append(f"{tag}: VR {attr.get('vr')} vs {ref.get('vr')}")
-        elif _norm(attr) != _norm(ref):
-            out.append(f"{tag}: {_norm(attr)} vs {_norm(ref)}")
+        elif normalized(attr) != normalized(ref):
+            out.append(f"{tag}: {normalized(attr)} vs {normalized(ref)}")
     missing = set(theirs) - set(ours) - PLUGIN_ONLY - upper_levels
     if missing:
         out.append(f"only the reference returns {sorted(missing)}")

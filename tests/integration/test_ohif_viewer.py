@@ -47,6 +47,16 @@ CHROMIUM = os.environ.get("DIMSE_GATEWAY_TEST_CHROMIUM", "/usr/bin/chromium")
 ACCESSION = "ACC2019031401"
 PATIENT_LISTED = "Doe, John"
 SLICES = 60
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    # WebGL without a GPU, as cornerstone3D renders with it.
+    "--use-angle=swiftshader",
+    "--enable-unsafe-swiftshader",
+    # This machine reaches no outside hosts: do not try.
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
 # The bound on everything from starting the browser to the checked viewport:
 # each step waits only for what is left of it, so a stuck step fails by name.
 BROWSER_BUDGET_S = 90.0
@@ -245,20 +255,7 @@ def test_ohif_opens_a_generated_study_and_shows_its_pixels(
         return max(1.0, (deadline - time.monotonic()) * 1000)
 
     with sync_playwright() as pw:
-        browser = pw.chromium.launch(
-            executable_path=chromium,
-            args=[
-                "--no-sandbox",
-                # WebGL without a GPU, as cornerstone3D renders with it.
-                "--use-angle=swiftshader",
-                "--enable-unsafe-swiftshader",
-                # This machine reaches no outside hosts: do not try.
-                "--disable-background-networking",
-                "--disable-component-update",
-                "--disable-sync",
-            ],
-            timeout=left(),
-        )
+        browser = pw.chromium.launch(executable_path=chromium, args=CHROMIUM_ARGS, timeout=left())
         page = browser.new_page(viewport={"width": 1400, "height": 900})
         page.set_default_timeout(left())
         page.on("requestfailed", on_failed)
@@ -345,17 +342,7 @@ def test_opened_without_a_token_the_viewer_asks_for_one(
     deadline = time.monotonic() + BROWSER_BUDGET_S
     before = len(seen)
     with sync_playwright() as pw:
-        browser = pw.chromium.launch(
-            executable_path=chromium,
-            args=[
-                "--no-sandbox",
-                "--use-angle=swiftshader",
-                "--enable-unsafe-swiftshader",
-                "--disable-background-networking",
-                "--disable-component-update",
-                "--disable-sync",
-            ],
-        )
+        browser = pw.chromium.launch(executable_path=chromium, args=CHROMIUM_ARGS)
         try:
             page = browser.new_page(viewport={"width": 1400, "height": 900})
             page.on("dialog", answer)

@@ -7,7 +7,6 @@ Where they legitimately differ, the test says so and why.
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -18,6 +17,7 @@ import pytest
 
 from app.dicomweb.attributes import PATIENT_KEYS, SERIES_KEYS, STUDY_KEYS, Level
 from tests.gateway_server import GatewayServer, gateway_settings, local_node
+from tests.integration.qido_sweep import normalized
 from tests.peers.orthanc import OrthancPeer
 
 pytestmark = pytest.mark.integration
@@ -70,22 +70,6 @@ def _by_key(objs: list[dict[str, Any]], key: str) -> dict[str, dict[str, Any]]:
     return out
 
 
-def _norm(attr: dict[str, Any]) -> Any:
-    """Values as a client reads them: strings stripped, numbers as numbers."""
-    values = attr.get("Value", [])
-    out = []
-    for v in values:
-        if isinstance(v, str):
-            v = v.strip()
-            if attr["vr"] in ("IS", "DS"):
-                with contextlib.suppress(ValueError):
-                    v = float(v)
-        elif isinstance(v, int | float):
-            v = float(v)
-        out.append(v)
-    return out
-
-
 def compare(
     ours: list[dict[str, Any]],
     theirs: list[dict[str, Any]],
@@ -103,7 +87,7 @@ def compare(
             if tag in PLUGIN_ONLY or tag not in ref:
                 continue
             assert attr["vr"] == ref[tag]["vr"], (uid, tag)
-            assert _norm(attr) == _norm(ref[tag]), (uid, tag, attr, ref[tag])
+            assert normalized(attr) == normalized(ref[tag]), (uid, tag, attr, ref[tag])
         missing = set(ref) - set(obj) - PLUGIN_ONLY - extra_in_orthanc
         assert not missing, f"{uid}: Orthanc returns {sorted(missing)} and we do not"
 

@@ -14,7 +14,7 @@ import signal
 import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from multiprocessing.connection import Connection, Pipe
 from pathlib import Path
 
@@ -53,6 +53,25 @@ def _series(slices: int, series_number: int = 1) -> list[Dataset]:
     )
 
 
+def _process(
+    temp_dir: Path,
+    on_arrivals: Callable[[list[Arrival]], object] = lambda _batch: None,
+    *,
+    port: int = 0,
+    senders: dict[str, list[str]] | None = None,
+) -> StorageProcess:
+    return StorageProcess(
+        GATEWAY_AE,
+        host=LOOPBACK,
+        port=port,
+        max_pdu=1048576,
+        senders={PACS_AE: ["localhost"]} if senders is None else senders,
+        temp_dir=temp_dir,
+        on_arrivals=on_arrivals,  # type: ignore[arg-type]
+        log_level="WARNING",
+    )
+
+
 @pytest.fixture
 def arrivals() -> queue.Queue[Arrival]:
     return queue.Queue()
@@ -62,16 +81,7 @@ def arrivals() -> queue.Queue[Arrival]:
 def storage(tmp_path: Path, arrivals: queue.Queue[Arrival]) -> Iterator[StorageProcess]:
     temp = tmp_path / "tmp"
     temp.mkdir()
-    proc = StorageProcess(
-        GATEWAY_AE,
-        host=LOOPBACK,
-        port=0,
-        max_pdu=1048576,
-        senders={PACS_AE: ["localhost"]},
-        temp_dir=temp,
-        on_arrivals=lambda batch: [arrivals.put(a) for a in batch],
-        log_level="WARNING",
-    )
+    proc = _process(temp, lambda batch: [arrivals.put(a) for a in batch])
     proc.start()
     yield proc
     proc.stop()
@@ -198,16 +208,7 @@ def test_a_killed_child_is_replaced_on_the_same_port_with_its_expectations(
 
 
 def test_stop_ends_the_child_and_closes_the_port(tmp_path: Path) -> None:
-    proc = StorageProcess(
-        GATEWAY_AE,
-        host=LOOPBACK,
-        port=0,
-        max_pdu=65536,
-        senders={},
-        temp_dir=tmp_path,
-        on_arrivals=lambda _batch: None,
-        log_level="WARNING",
-    )
+    proc = _process(tmp_path, senders={})
     proc.start()
     port, pid = proc.port, proc.pid
     assert pid is not None
@@ -223,15 +224,7 @@ def test_a_port_in_use_is_a_clear_start_error(tmp_path: Path) -> None:
     with socket.socket() as busy:
         busy.bind((LOOPBACK, 0))
         busy.listen(1)
-        proc = StorageProcess(
-            GATEWAY_AE,
-            host=LOOPBACK,
-            port=busy.getsockname()[1],
-            max_pdu=65536,
-            senders={},
-            temp_dir=tmp_path,
-            on_arrivals=lambda _batch: None,
-        )
+        proc = _process(tmp_path, port=busy.getsockname()[1], senders={})
         with pytest.raises(RuntimeError, match="cannot listen"):
             proc.start()
 
@@ -249,16 +242,7 @@ def test_the_child_runs_the_gateways_code_whatever_the_working_directory(
     monkeypatch.chdir(decoy.parent.parent)
     temp = tmp_path / "tmp"
     temp.mkdir()
-    proc = StorageProcess(
-        GATEWAY_AE,
-        host=LOOPBACK,
-        port=0,
-        max_pdu=65536,
-        senders={PACS_AE: ["localhost"]},
-        temp_dir=temp,
-        on_arrivals=lambda batch: [arrivals.put(a) for a in batch],
-        log_level="WARNING",
-    )
+    proc = _process(temp, lambda batch: [arrivals.put(a) for a in batch])
     proc.start()
     try:
         series = _series(1)
@@ -276,16 +260,7 @@ def test_the_child_runs_the_gateways_code_whatever_the_working_directory(
 
 
 def test_spare_temporary_files_are_deleted_when_the_child_stops(tmp_path: Path) -> None:
-    proc = StorageProcess(
-        GATEWAY_AE,
-        host=LOOPBACK,
-        port=0,
-        max_pdu=65536,
-        senders={},
-        temp_dir=tmp_path,
-        on_arrivals=lambda _batch: None,
-        log_level="WARNING",
-    )
+    proc = _process(tmp_path, senders={})
     proc.start()
     deadline = time.monotonic() + 5
     while not list(tmp_path.glob("*.part")) and time.monotonic() < deadline:
@@ -310,17 +285,9 @@ def _arrived_message(n: int, temp: Path) -> tuple[object, ...]:
     )
 
 
-def _reader_on(pipe: Connection, on_arrivals: object) -> StorageProcess:
+def _reader_on(pipe: Connection, on_arrivals: Callable[[list[Arrival]], object]) -> StorageProcess:
     """A StorageProcess whose reader reads ``pipe`` (no child, no restart)."""
-    proc = StorageProcess(
-        GATEWAY_AE,
-        host=LOOPBACK,
-        port=0,
-        max_pdu=65536,
-        senders={},
-        temp_dir=Path("/nonexistent"),
-        on_arrivals=on_arrivals,  # type: ignore[arg-type]
-    )
+    proc = _process(Path("/nonexistent"), on_arrivals, senders={})
     proc._conn = pipe
     proc._respawn = lambda: False  # type: ignore[method-assign]
     return proc
