@@ -143,14 +143,17 @@ class InstanceCache:
         written = WrittenInstance(
             temp, study_uid, series_uid, sop_uid, sop_class_uid, transfer_syntax
         )
-        placed = self._place(written)
-        try:
-            return self._index([placed])[0]
-        except sqlite3.Error:
-            # Renamed but not indexed: the file is nobody's.
-            with contextlib.suppress(OSError):
-                os.unlink(placed[1])
-            raise OSError(f"could not index {sop_uid}") from None
+        with self._lock:
+            placed = self._place(written)
+            try:
+                (instance,) = self._index([placed])
+            except sqlite3.Error:
+                # Renamed but not indexed: the file is nobody's.
+                with contextlib.suppress(OSError):
+                    os.unlink(placed[1])
+                raise OSError(f"could not index {sop_uid}") from None
+        self._bound()
+        return instance
 
     def commit_many(self, written: Sequence[WrittenInstance]) -> list[CachedInstance | None]:
         """:meth:`commit` for several files, indexed in one transaction.
@@ -160,23 +163,27 @@ class InstanceCache:
         """
         placed: list[tuple[WrittenInstance, str, int]] = []
         positions: list[int] = []
-        for position, item in enumerate(written):
-            try:
-                placed.append(self._place(item))
-            except (OSError, ValueError) as exc:
-                log.error("could not keep %s: %s", item.sop_uid, exc)
-                item.temp.unlink(missing_ok=True)
-            else:
-                positions.append(position)
         out: list[CachedInstance | None] = [None] * len(written)
-        try:
-            indexed = self._index(placed)
-        except sqlite3.Error as exc:
-            log.error("could not index %d instances: %s", len(placed), exc)
-            for _, final, _ in placed:
-                with contextlib.suppress(OSError):
-                    os.unlink(final)
-            return out
+        # Renamed and indexed under the lock eviction holds: eviction never
+        # deletes a file renamed in place of the copy it chose.
+        with self._lock:
+            for position, item in enumerate(written):
+                try:
+                    placed.append(self._place(item))
+                except (OSError, ValueError) as exc:
+                    log.error("could not keep %s: %s", item.sop_uid, exc)
+                    item.temp.unlink(missing_ok=True)
+                else:
+                    positions.append(position)
+            try:
+                indexed = self._index(placed)
+            except sqlite3.Error as exc:
+                log.error("could not index %d instances: %s", len(placed), exc)
+                for _, final, _ in placed:
+                    with contextlib.suppress(OSError):
+                        os.unlink(final)
+                return out
+        self._bound()
         for position, instance in zip(positions, indexed, strict=True):
             out[position] = instance
         return out
@@ -198,52 +205,54 @@ class InstanceCache:
         return item, final, size
 
     def _index(self, placed: Sequence[tuple[WrittenInstance, str, int]]) -> list[CachedInstance]:
+        """Index placed files in one transaction; the caller holds the lock."""
         if not placed:
             return []
         now = time.time()
-        with self._lock:
-            try:
-                # Sizes already counted, this batch's included: the same
-                # instance twice in one batch (two retrieves overlapping)
-                # replaces itself, it does not add up.
-                counted: dict[str, int] = {}
-                grown = 0
-                for item, _, size in placed:
-                    if item.sop_uid in counted:
-                        old = counted[item.sop_uid]
-                    else:
-                        row = self._db.execute(
-                            "SELECT size FROM instances WHERE sop_uid = ?", (item.sop_uid,)
-                        ).fetchone()
-                        old = row[0] if row else 0
-                    grown += size - old
-                    counted[item.sop_uid] = size
-                rows = [
-                    (i.sop_uid, i.study_uid, i.series_uid, i.sop_class_uid, i.transfer_syntax, size)
-                    for i, _, size in placed
-                ]
-                self._db.executemany(
-                    "INSERT OR REPLACE INTO instances VALUES (?, ?, ?, ?, ?, ?, ?)",
-                    [(*row, now) for row in rows],
-                )
-                # One commit per batch: per instance, the commit was the
-                # largest share of the gateway's own CPU time in a cold retrieve.
-                self._db.commit()
-            except sqlite3.Error:
-                # Nothing of the batch may stay in an open transaction that a
-                # later, unrelated commit would write.
-                self._db.rollback()
-                raise
-            self._bytes += grown
+        try:
+            # Sizes already counted, this batch's included: the same
+            # instance twice in one batch (two retrieves overlapping)
+            # replaces itself, it does not add up.
+            counted: dict[str, int] = {}
+            grown = 0
+            for item, _, size in placed:
+                if item.sop_uid in counted:
+                    old = counted[item.sop_uid]
+                else:
+                    row = self._db.execute(
+                        "SELECT size FROM instances WHERE sop_uid = ?", (item.sop_uid,)
+                    ).fetchone()
+                    old = row[0] if row else 0
+                grown += size - old
+                counted[item.sop_uid] = size
+            rows = [
+                (i.sop_uid, i.study_uid, i.series_uid, i.sop_class_uid, i.transfer_syntax, size)
+                for i, _, size in placed
+            ]
+            self._db.executemany(
+                "INSERT OR REPLACE INTO instances VALUES (?, ?, ?, ?, ?, ?, ?)",
+                [(*row, now) for row in rows],
+            )
+            # One commit per batch: per instance, the commit was the
+            # largest share of the gateway's own CPU time in a cold retrieve.
+            self._db.commit()
+        except sqlite3.Error:
+            # Nothing of the batch may stay in an open transaction that a
+            # later, unrelated commit would write.
+            self._db.rollback()
+            raise
+        self._bytes += grown
+        return [
+            CachedInstance(*row, final) for row, (_, final, _) in zip(rows, placed, strict=True)
+        ]
+
+    def _bound(self) -> None:
         if self._bytes > self.max_bytes:
             try:
                 self.evict()
             except (OSError, ValueError, sqlite3.Error) as exc:
                 # The instances are kept; the bound is enforced next time.
                 log.error("cache eviction failed: %s", exc)
-        return [
-            CachedInstance(*row, final) for row, (_, final, _) in zip(rows, placed, strict=True)
-        ]
 
     def mark_series_complete(self, study_uid: str, series_uid: str, count: int) -> None:
         with self._lock:
@@ -384,14 +393,33 @@ class InstanceCache:
                 )
                 break
             for sop, study, series in rows:
-                self.path_for(study, series, sop).unlink(missing_ok=True)
-                self._forget(sop)
-                removed += 1
+                if self._evict_one(sop, study, series, recent):
+                    removed += 1
                 if self._bytes <= self.max_bytes:
                     break
         if removed:
             log.info("cache evicted %d instances; %d bytes held", removed, self._bytes)
         return removed
+
+    def _evict_one(self, sop: str, study: str, series: str, recent: float) -> bool:
+        """Delete one instance chosen for eviction, unless it was used or
+        replaced since: the check, the unlink and the index row under one lock,
+        as a commit renames and indexes under it."""
+        with self._lock:
+            row = self._db.execute(
+                "SELECT size, last_access FROM instances WHERE sop_uid = ?", (sop,)
+            ).fetchone()
+            if row is None or row[1] >= recent:
+                return False
+            self.path_for(study, series, sop).unlink(missing_ok=True)
+            self._db.execute("DELETE FROM instances WHERE sop_uid = ?", (sop,))
+            # The series can no longer be served whole without a new retrieve.
+            self._db.execute(
+                "UPDATE series SET complete_count = NULL WHERE series_uid = ?", (series,)
+            )
+            self._db.commit()
+            self._bytes -= row[0]
+            return True
 
     def _total(self) -> int:
         with self._lock:

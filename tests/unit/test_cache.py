@@ -165,3 +165,18 @@ def test_a_failed_index_leaves_nothing_behind(tmp_path: Path) -> None:
             transfer_syntax=single.transfer_syntax,
         )
     assert list((tmp_path / "instances").rglob("*.dcm")) == []
+
+
+def test_eviction_spares_an_instance_stored_again_after_it_was_chosen(tmp_path: Path) -> None:
+    # Eviction picks its victims first and deletes them one by one; a retrieve
+    # may store a new copy of one of them in between (another thread).
+    cache = InstanceCache(tmp_path, max_bytes=10_000, protect_recent=0)
+    _put(cache, "1.2.3.4.1", 100)
+    chosen_at = time.time()
+    time.sleep(0.01)
+    _put(cache, "1.2.3.4.1", 120)  # the new copy
+    assert not cache._evict_one("1.2.3.4.1", STUDY, SERIES, chosen_at)
+    kept = cache.get("1.2.3.4.1")
+    assert kept is not None and kept.size == 120 and kept.path.stat().st_size == 120
+    assert cache._evict_one("1.2.3.4.1", STUDY, SERIES, time.time() + 1)
+    assert cache.get("1.2.3.4.1") is None and cache.size_bytes == 0
