@@ -368,7 +368,9 @@ class StorageProcess:
                 arrivals = []
                 self._dispatch(message)
             except Exception:
-                log.exception("storage process: cannot handle %r", message[:2])
+                # repr, not a slice: a message that is not a tuple must not
+                # raise again here and end the reader.
+                log.exception("storage process: cannot handle %.80r", message)
         self._arrived(arrivals)
 
     def _arrived(self, arrivals: list[Arrival]) -> None:

@@ -361,3 +361,20 @@ def test_a_spare_file_deleted_while_it_waited_is_not_used(tmp_path: Path) -> Non
             file.close()
     finally:
         spares.close()
+
+
+def test_a_malformed_message_is_logged_and_the_reader_goes_on(tmp_path: Path) -> None:
+    got: list[str] = []
+    ours, childs = Pipe()
+    proc = _reader_on(ours, lambda batch: got.extend(a.sop_uid for a in batch))
+    reader = threading.Thread(target=proc._read_loop)
+    reader.start()
+    childs.send(42)  # not a tuple: neither indexable nor sliceable
+    childs.send(("arrived", "too", "short"))
+    childs.send(_arrived_message(1, tmp_path / "1.part"))
+    deadline = time.monotonic() + 5
+    while not got and time.monotonic() < deadline:
+        time.sleep(0.01)
+    childs.close()
+    reader.join(5)
+    assert got == ["1.2.3.1"]
